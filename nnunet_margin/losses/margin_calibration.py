@@ -1,0 +1,207 @@
+"""Distribution-aware Margin Calibration (Yu et al., AAAI 2021; IJCV 2022).
+
+Reference: Z. Yu, W. Li, D. Xu, S. Gao, W. Luo, Y. Zhang. "Distribution-aware Margin Calibration for Semantic
+Segmentation in Images", IJCV 130, 2022 (and the AAAI 2021 paper for medical image segmentation).
+The formulas follow METHODS.md section 1; the released code's BCE form is the default.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import nn
+
+from ._inputs import check_finite, flatten_inputs
+
+LOSS_FORMS = ("released", "paper")
+EMPTY_CLASS_RULES = ("error", "count_as_one")
+
+
+class EmptyClassError(ValueError):
+    """A class has no voxels, so its margin offsets are undefined."""
+
+    def __init__(self, empty_classes: list[int], message: str):
+        super().__init__(message)
+        self.empty_classes = empty_classes
+
+
+class MarginOffsets(NamedTuple):
+    """Per-class margin offsets: `rho_k0` where k is the true class, `rho_0k` where it is not."""
+
+    rho_k0: torch.Tensor  # (K,) float64
+    rho_0k: torch.Tensor  # (K,) float64
+
+
+def margin_offsets(counts: Sequence[float] | torch.Tensor, tau: float = 10.0, upsilon: float = 1.0,
+                   empty_classes: str = "error") -> MarginOffsets:
+    """Margin offsets from per-class voxel counts N_k, background included ("Algorithm 1", METHODS.md 1a).
+
+        rho_0k = tau * sqrt(N - N_k) / N_k
+        mu_k   = p_k * sqrt(N_k) / (upsilon * (N - N_k) - p_k * sqrt(N - N_k)),  p_k = N_k / N
+        rho_k0 = mu_k * rho_0k
+
+    `empty_classes` decides what a class with N_k = 0 does: "error" (default) raises `EmptyClassError`;
+    "count_as_one" counts it as one voxel, i.e. gives it the largest margin any observed class could get.
+    """
+    if tau <= 0 or upsilon <= 0:
+        raise ValueError(f"tau and upsilon must be positive, got tau={tau}, upsilon={upsilon}")
+    if empty_classes not in EMPTY_CLASS_RULES:
+        raise ValueError(f"empty_classes must be one of {EMPTY_CLASS_RULES}, got {empty_classes!r}")
+    n_k = torch.as_tensor(counts, dtype=torch.float64).flatten()
+    if n_k.numel() < 2:
+        raise ValueError(f"need counts for at least 2 classes (background included), got {n_k.numel()}")
+    if bool((n_k < 0).any()) or not bool(torch.isfinite(n_k).all()):
+        raise ValueError(f"voxel counts must be finite and non-negative, got {n_k.tolist()}")
+    empty = torch.nonzero(n_k == 0).flatten().tolist()
+    if empty:
+        if empty_classes == "error":
+            raise EmptyClassError(empty, f"class(es) {empty} have no voxels, so their margin offsets are undefined "
+                                         f"(rho_0k = tau * sqrt(N - N_k) / N_k). Remove the label, use other "
+                                         f"training cases, or opt into empty_classes='count_as_one'.")
+        n_k = n_k.clamp_min(1.0)
+    total = n_k.sum()
+    rest = total - n_k
+    rho_0k = tau * rest.sqrt() / n_k
+    share = n_k / total
+    denominator = upsilon * rest - share * rest.sqrt()
+    if bool((denominator <= 0).any()):
+        raise ValueError(f"margin offsets are undefined for counts {n_k.tolist()} with upsilon={upsilon}: one class "
+                         f"holds (almost) every voxel. Check the label statistics or increase upsilon.")
+    mu_k = share * n_k.sqrt() / denominator
+    return MarginOffsets(rho_k0=mu_k * rho_0k, rho_0k=rho_0k)
+
+
+def _last_index_of(values: torch.Tensor, maximum: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Channel index (B, 1, V) where `values` equals its channel maximum (the last one on ties), using `out` as scratch.
+
+    Written with elementwise ops and amax because argmax/topk over the channel axis are 10-100x slower on the CPU.
+    """
+    torch.eq(values, maximum, out=out)
+    out.mul_(torch.arange(1, values.shape[1] + 1, dtype=out.dtype, device=out.device).view(1, -1, 1))
+    return out.amax(1, keepdim=True).sub_(1).long().clamp_min_(0)  # clamp: NaN rows match nothing
+
+
+def _softplus_sum(values: torch.Tensor, chunk_voxels: int = 1 << 15) -> torch.Tensor:
+    """sum(softplus(values)) over chunks of voxels, so no second logits-sized buffer is needed."""
+    return sum(torch.nn.functional.softplus(chunk).sum() for chunk in values.split(chunk_voxels, dim=2))
+
+
+class _MarginCalibrationFunction(torch.autograd.Function):
+    """Fused forward and gradient, O(voxels x K) time and one logits-sized buffer.
+
+    a_ik = lambda_ik + rho_0k (k != y_i) or rho_{y_i,0} - lambda_{i,y_i} (k = y_i), with
+    lambda_ik = z_ik - max_{j != k} z_ij. The loss is `scale_out * sum_ik w_ik softplus(c * a_ik)`, w = true_weight
+    for the true class and 1 otherwise. The gradient is computed in the forward pass into the buffer that held a,
+    and the top-2 search reuses that buffer too.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, valid, rho_k0, rho_0k, slope, true_weight, scale_out):
+        a = torch.empty_like(logits)
+        best = logits.amax(1, keepdim=True)
+        winner = _last_index_of(logits, best, out=a)
+        a.copy_(logits).scatter_(1, winner, -math.inf)
+        second = a.amax(1, keepdim=True)
+        runner_up = _last_index_of(a, second, out=a) if ctx.needs_input_grad[0] else None
+
+        # a <- lambda: the largest logit subtracted everywhere except at the winner (the 2nd largest there)
+        torch.sub(logits, best, out=a)
+        a.scatter_(1, winner, best - second)
+        a += rho_0k.view(1, -1, 1)
+        # at the true class: rho_y0 - lambda_y = rho_y0 + rho_0y - (lambda_y + rho_0y)
+        true_offset = (rho_k0 + rho_0k)[target]
+        a.scatter_(1, target, true_offset - a.gather(1, target))
+        if slope != 1.0:
+            a *= slope
+        if valid is not None:
+            a.masked_fill_(~valid, -math.inf)  # softplus(-inf) = 0 and sigmoid(-inf) = 0: no loss, no gradient
+
+        loss = _softplus_sum(a) + (true_weight - 1.0) * _softplus_sum(a.gather(1, target))
+        loss = loss * scale_out
+
+        if ctx.needs_input_grad[0]:
+            grad = a.sigmoid_()
+            grad.scatter_(1, target, grad.gather(1, target) * -true_weight)
+            # d lambda_ik / d z: +1 at k, -1 at the subtracted logit (winner for k != winner, runner-up at winner)
+            at_winner = grad.gather(1, winner)
+            grad.scatter_add_(1, winner, at_winner - grad.sum(1, keepdim=True))
+            grad.scatter_add_(1, runner_up, -at_winner)
+            grad *= scale_out * slope
+            ctx.save_for_backward(grad)
+            ctx.grad_used = False
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        if ctx.grad_used:
+            raise RuntimeError("MarginCalibrationLoss supports a single backward pass per forward (no retain_graph)")
+        ctx.grad_used = True
+        (grad,) = ctx.saved_tensors
+        return grad.mul_(grad_output), None, None, None, None, None, None, None
+
+
+class MarginCalibrationLoss(nn.Module):
+    """Distribution-aware Margin Calibration loss (Yu et al., AAAI 2021 / IJCV 2022).
+
+    Args:
+        rho_k0, rho_0k: per-class margin offsets (K,), e.g. from `margin_offsets(counts)`.
+        form: "released" (default; the authors' code: BCE with logits on the calibrated scores against the one-hot
+            target, true class weighted by K, mean over voxels x classes, natural log) or "paper" (the rho-calibrated
+            log2 loss, summed over classes, mean over voxels; IJCV Eq. 16-18).
+        ignore_index: label whose voxels are excluded from the loss (and from M).
+
+    Input: logits (B, K, *spatial) of any float dtype (computed in float32) and integer targets (B, 1, *spatial) or
+    (B, *spatial). Inference uses the raw logits: the offsets are a training-time device only.
+    """
+
+    def __init__(self, rho_k0: Sequence[float] | torch.Tensor, rho_0k: Sequence[float] | torch.Tensor,
+                 form: str = "released", ignore_index: int | None = None):
+        super().__init__()
+        if form not in LOSS_FORMS:
+            raise ValueError(f"form must be one of {LOSS_FORMS}, got {form!r}")
+        rho_k0 = torch.as_tensor(rho_k0, dtype=torch.float32).flatten()
+        rho_0k = torch.as_tensor(rho_0k, dtype=torch.float32).flatten()
+        if rho_k0.shape != rho_0k.shape or rho_k0.numel() < 2:
+            raise ValueError(f"rho_k0 and rho_0k must both have one entry per class (K >= 2), got "
+                             f"{tuple(rho_k0.shape)} and {tuple(rho_0k.shape)}")
+        if not (bool(torch.isfinite(rho_k0).all()) and bool(torch.isfinite(rho_0k).all())):
+            raise ValueError("margin offsets must be finite; a class without voxels gives infinite offsets "
+                             "(see margin_offsets(empty_classes=...))")
+        self.form = form
+        self.ignore_index = ignore_index
+        self.register_buffer("rho_k0", rho_k0)
+        self.register_buffer("rho_0k", rho_0k)
+
+    @classmethod
+    def from_counts(cls, counts: Sequence[float] | torch.Tensor, tau: float = 10.0, upsilon: float = 1.0,
+                    empty_classes: str = "error", **kwargs) -> "MarginCalibrationLoss":
+        """Build the loss from per-class voxel counts (background first)."""
+        offsets = margin_offsets(counts, tau=tau, upsilon=upsilon, empty_classes=empty_classes)
+        return cls(offsets.rho_k0, offsets.rho_0k, **kwargs)
+
+    @property
+    def num_classes(self) -> int:
+        return self.rho_0k.numel()
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if logits.ndim >= 2 and logits.shape[1] != self.num_classes:
+            raise ValueError(f"logits have {logits.shape[1]} channels but the margin offsets are for "
+                             f"{self.num_classes} classes")
+        flat = flatten_inputs(logits, target, self.ignore_index)
+        num_classes = self.num_classes
+        if flat.num_valid == 0:
+            return logits.sum() * 0.0
+        if self.form == "released":
+            slope, true_weight, scale_out = 1.0, float(num_classes), 1.0 / (flat.num_valid * num_classes)
+        else:
+            slope, true_weight, scale_out = math.log(2.0), 1.0, 1.0 / (flat.num_valid * math.log(2.0))
+        loss = _MarginCalibrationFunction.apply(flat.logits, flat.target, flat.valid,
+                                                self.rho_k0.to(flat.logits.dtype), self.rho_0k.to(flat.logits.dtype), slope, true_weight, scale_out)
+        check_finite(loss, logits, type(self).__name__)
+        return loss
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, form={self.form!r}, ignore_index={self.ignore_index}"

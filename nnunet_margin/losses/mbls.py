@@ -1,0 +1,150 @@
+"""Margin-based Label Smoothing, MbLS (Liu, Ben Ayed, Galdran, Dolz; CVPR 2022, MedIA 2023).
+
+Reference: B. Liu, I. Ben Ayed, A. Galdran, J. Dolz. "The Devil is in the Margin: Margin-based Label Smoothing for
+Network Calibration", CVPR 2022; "Calibrating Segmentation Networks with Margin-based Label Smoothing", MedIA 2023.
+The formulas follow METHODS.md section 2.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ._inputs import check_finite, flatten_inputs
+
+SCHEDULES = ("add", "multiply", "step")
+
+
+class MbLSParts(NamedTuple):
+    """The loss and its two terms (total = ce + alpha * penalty)."""
+
+    total: torch.Tensor
+    ce: torch.Tensor
+    penalty: torch.Tensor
+
+
+class _MbLSFunction(torch.autograd.Function):
+    """Fused CE + alpha * mean ReLU(max_j z_j - z_k - margin) with its gradient computed in the forward pass.
+
+    One logits-sized buffer holds log p, then the gradient; the penalty runs over chunks of voxels, so it needs no
+    buffer of its own. Returns (total, ce, penalty); only `total` carries a gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, valid, num_valid, margin, alpha, chunk_voxels=1 << 15):
+        num_classes = logits.shape[1]
+        buffer = torch.log_softmax(logits, dim=1)
+        picked = buffer.gather(1, target)
+        if valid is not None:
+            picked = picked * valid
+        ce = -picked.sum() / num_valid
+
+        needs_grad = ctx.needs_input_grad[0]
+        if needs_grad:
+            grad = buffer.exp_()  # softmax
+            grad.scatter_add_(1, target, torch.full_like(picked, -1.0))
+            if valid is not None:
+                grad.masked_fill_(~valid, 0.0)
+            grad /= num_valid
+        coefficient = alpha / (num_valid * num_classes)
+
+        best, winner = logits.max(dim=1, keepdim=True)
+        penalty = logits.new_zeros(())
+        for start in range(0, logits.shape[2], chunk_voxels):
+            part = slice(start, start + chunk_voxels)
+            excess = (best[:, :, part] - margin) - logits[:, :, part]  # max(z) - z - m
+            excess.clamp_min_(0.0)
+            if valid is not None:
+                excess.masked_fill_(~valid[:, :, part], 0.0)
+            penalty += excess.sum()
+            if needs_grad:
+                active = excess.gt_(0.0)  # 1.0 where the penalty acts: -1 at k, +1 at the winner
+                grad[:, :, part].add_(active, alpha=-coefficient)
+                grad[:, :, part].scatter_add_(1, winner[:, :, part], active.sum(1, keepdim=True) * coefficient)
+        penalty /= num_valid * num_classes
+        total = ce + alpha * penalty
+
+        if needs_grad:
+            ctx.save_for_backward(grad)
+            ctx.grad_used = False
+        ctx.mark_non_differentiable(ce, penalty)
+        return total, ce, penalty
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total, grad_ce, grad_penalty):
+        if ctx.grad_used:
+            raise RuntimeError("MbLSLoss supports a single backward pass per forward (no retain_graph)")
+        ctx.grad_used = True
+        (grad,) = ctx.saved_tensors
+        return grad.mul_(grad_total), None, None, None, None, None, None
+
+
+class MbLSLoss(nn.Module):
+    """Margin-based Label Smoothing: CE(z, y) + alpha * mean_{i,k} ReLU(max_j z_ij - z_ik - margin).
+
+    Both terms are means over the non-ignored voxels (the penalty over voxels x classes). Defaults follow the papers:
+    margin 10, alpha 0.1. Input: logits (B, K, *spatial) of any float dtype (computed in float32), integer targets
+    (B, 1, *spatial) or (B, *spatial); any spatial rank.
+
+    The released code's optional alpha schedule is available through `schedule` ("add", "multiply" or "step"; off by
+    default): call `step_alpha(epoch)` once per epoch; alpha never exceeds `max_alpha`.
+    """
+
+    def __init__(self, margin: float = 10.0, alpha: float = 0.1, ignore_index: int | None = None,
+                 schedule: str | None = None, schedule_factor: float = 0.0, schedule_step_size: int = 100,
+                 max_alpha: float = 100.0):
+        super().__init__()
+        if margin < 0:
+            raise ValueError(f"margin must be >= 0, got {margin}")
+        if alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        if schedule is not None and schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be None or one of {SCHEDULES}, got {schedule!r}")
+        if max_alpha < alpha:
+            raise ValueError(f"max_alpha ({max_alpha}) must be >= alpha ({alpha})")
+        if schedule_step_size < 1:
+            raise ValueError(f"schedule_step_size must be >= 1, got {schedule_step_size}")
+        self.margin = float(margin)
+        self.alpha = float(alpha)
+        self.initial_alpha = float(alpha)
+        self.ignore_index = ignore_index
+        self.schedule = schedule
+        self.schedule_factor = float(schedule_factor)
+        self.schedule_step_size = int(schedule_step_size)
+        self.max_alpha = float(max_alpha)
+
+    def step_alpha(self, epoch: int) -> float:
+        """Set alpha for `epoch` (0-based) from the schedule, capped at max_alpha; returns the new alpha.
+
+        add: alpha0 + factor * epoch; multiply: alpha0 * factor ** epoch; step: alpha0 * factor ** (epoch // step).
+        """
+        if self.schedule == "add":
+            alpha = self.initial_alpha + self.schedule_factor * epoch
+        elif self.schedule == "multiply":
+            alpha = self.initial_alpha * self.schedule_factor ** epoch
+        elif self.schedule == "step":
+            alpha = self.initial_alpha * self.schedule_factor ** (epoch // self.schedule_step_size)
+        else:
+            alpha = self.initial_alpha
+        self.alpha = min(alpha, self.max_alpha)
+        return self.alpha
+
+    def parts(self, logits: torch.Tensor, target: torch.Tensor) -> MbLSParts:
+        """The loss and its two terms; only `total` is differentiable."""
+        flat = flatten_inputs(logits, target, self.ignore_index)
+        if flat.num_valid == 0:
+            zero = logits.sum() * 0.0
+            return MbLSParts(zero, zero.detach(), zero.detach())
+        total, ce, penalty = _MbLSFunction.apply(flat.logits, flat.target, flat.valid, flat.num_valid,
+                                                 self.margin, self.alpha)
+        check_finite(total, logits, type(self).__name__)
+        return MbLSParts(total, ce, penalty)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.parts(logits, target).total
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, alpha={self.alpha}, ignore_index={self.ignore_index}, schedule={self.schedule}"

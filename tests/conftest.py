@@ -1,0 +1,79 @@
+"""Shared fixtures: a planned synthetic nnU-Net dataset and a runner for the real nnU-Net commands."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DATASET_ID = 987
+DATASET_NAME = "Dataset987_MarginDemo"
+# Short-schedule subclasses used by the end-to-end tests and the demo (not shipped in the wheel).
+DEMO_TRAINERS = REPO / "demo" / "trainers"
+
+
+@dataclass
+class NnUNetEnv:
+    """Folders and environment of one planned synthetic dataset."""
+
+    root: Path
+    env: dict = field(default_factory=dict)
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "raw" / DATASET_NAME
+
+    @property
+    def preprocessed(self) -> Path:
+        return self.root / "preprocessed" / DATASET_NAME
+
+    def results(self, trainer: str, configuration: str = "3d_fullres") -> Path:
+        return self.root / "results" / DATASET_NAME / f"{trainer}__nnUNetPlans__{configuration}"
+
+    def run(self, *command: str, check: bool = True, timeout: float = 600, **env) -> subprocess.CompletedProcess:
+        """Run an installed console script (nnUNetv2_*, nnunet-margin) with this dataset's environment."""
+        full_env = {**self.env, **{k: str(v) for k, v in env.items()}}
+        executable = str(BIN / command[0])
+        result = subprocess.run([executable, *command[1:]], env=full_env, capture_output=True, text=True,
+                                timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n"
+                                 f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+        return result
+
+    def train(self, trainer: str, fold: str = "0", *extra: str) -> subprocess.CompletedProcess:
+        return self.run("nnUNetv2_train", str(DATASET_ID), "3d_fullres", fold, "-tr", trainer, "-device", "cpu",
+                        *extra, nnUNet_n_proc_DA="0")
+
+
+def trainers_path() -> str:
+    out = subprocess.run([str(BIN / "nnunet-margin"), "trainers-path"], capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def nnunet_env(tmp_path_factory) -> NnUNetEnv:
+    """Synthetic dataset written, planned and preprocessed once per test session (about 20 s)."""
+    from nnunet_margin.nnunet.synthetic_dataset import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("nnunet")
+    write_synthetic_dataset(root / "raw", dataset_id=DATASET_ID)
+    env = {
+        **os.environ,
+        "nnUNet_raw": str(root / "raw"),
+        "nnUNet_preprocessed": str(root / "preprocessed"),
+        "nnUNet_results": str(root / "results"),
+        "nnUNet_def_n_proc": "1",
+        # As the README says, plus the folder with the short-schedule test subclasses.
+        "nnUNet_extTrainer": os.pathsep.join([trainers_path(), str(DEMO_TRAINERS)]),
+        "PYTHONUNBUFFERED": "1",
+    }
+    nnunet = NnUNetEnv(root=root, env=env)
+    nnunet.run("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "2", "-npfp", "2")
+    return nnunet
