@@ -69,8 +69,8 @@ class nnUNetTrainerWithCalibration(nnUNetTrainer):
         with measuring_calibration(self) as scratch:
             super().perform_actual_validation(save_probabilities)
         if self.local_rank == 0:
-            summary = write_validation_report(self, scratch)
-            foreground = summary["foreground"]["pooled"]
+            report = write_validation_report(self, scratch)
+            foreground = report["summary"]["foreground"]["pooled"]
             self.print_to_log_file(
                 f"Calibration (foreground, pooled over cases): ECE {foreground['ece']:.4f}, classwise ECE "
                 f"{foreground['classwise_ece']:.4f}, Brier {foreground['brier']:.4f}, NLL {foreground['nll']:.4f}; "

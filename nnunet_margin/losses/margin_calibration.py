@@ -162,8 +162,8 @@ class MarginCalibrationLoss(nn.Module):
         super().__init__()
         if form not in LOSS_FORMS:
             raise ValueError(f"form must be one of {LOSS_FORMS}, got {form!r}")
-        rho_k0 = torch.as_tensor(rho_k0, dtype=torch.float32).flatten()
-        rho_0k = torch.as_tensor(rho_0k, dtype=torch.float32).flatten()
+        rho_k0 = torch.as_tensor(rho_k0, dtype=torch.float64).flatten()
+        rho_0k = torch.as_tensor(rho_0k, dtype=torch.float64).flatten()
         if rho_k0.shape != rho_0k.shape or rho_k0.numel() < 2:
             raise ValueError(f"rho_k0 and rho_0k must both have one entry per class (K >= 2), got "
                              f"{tuple(rho_k0.shape)} and {tuple(rho_0k.shape)}")

@@ -72,7 +72,7 @@ def measuring_calibration(trainer):
 
 
 def write_validation_report(trainer, scratch: Path) -> dict:
-    """Merge the per-case statistics (all ranks) into calibration.json and reliability.png; returns the summary."""
+    """Merge the per-case statistics (all ranks) into calibration.json and reliability.png; returns the report."""
     from .margin_record import class_names
 
     validation_folder = Path(trainer.output_folder) / "validation"
@@ -81,6 +81,6 @@ def write_validation_report(trainer, scratch: Path) -> dict:
         per_case[path.stem] = {scope: CalibrationStats.from_dict(state)
                                for scope, state in json.loads(path.read_text()).items()}
     names = class_names(trainer.dataset_json, trainer.label_manager.num_segmentation_heads)
-    summary = write_calibration_report(per_case, validation_folder, names, validation_folder / "summary.json")
+    report = write_calibration_report(per_case, validation_folder, names, validation_folder / "summary.json")
     shutil.rmtree(scratch, ignore_errors=True)
-    return summary
+    return report

@@ -1,0 +1,162 @@
+"""Label statistics of the preprocessed dataset: counting rules, the cache (reuse, staleness, corruption, atomicity),
+folds, and the offsets record's errors."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_margin.losses import EmptyClassError
+from nnunet_margin.nnunet import label_stats
+from nnunet_margin.nnunet.label_stats import LabelSpec, cache_path, case_label_counts, count_labels, total_counts
+from nnunet_margin.nnunet.margin_record import fold_training_cases, offsets_record
+
+IDENTIFIER = "nnUNetPlans_3d_fullres"
+
+
+@pytest.mark.parametrize("segmentation, labels, expected", [
+    (np.array([[-1, 0, 1], [2, 2, -1]]), LabelSpec(3), [3, 1, 2]),  # -1 (outside the crop) counts as background
+    (np.array([0, 1, 3, 3, 1]), LabelSpec(3, ignore_label=3), [1, 2, 0]),  # the ignore label is left out
+    (np.zeros((2, 2, 2), dtype=np.int16), LabelSpec(4), [8, 0, 0, 0]),
+])
+def test_count_labels(segmentation, labels, expected):
+    assert count_labels(segmentation, labels).tolist() == expected
+
+
+@pytest.mark.parametrize("segmentation", [np.array([0, 5]), np.array([0, -2])])
+def test_count_labels_rejects_undefined_labels(segmentation):
+    with pytest.raises(ValueError, match="case 'x'.*label -?[25].*does not define"):
+        count_labels(segmentation, LabelSpec(3), case="x")
+
+
+@pytest.fixture()
+def preprocessed_copy(nnunet_env, tmp_path):
+    """A private copy of the planned dataset's preprocessed folder, so tests may change files in it."""
+    copy = tmp_path / nnunet_env.preprocessed.name
+    shutil.copytree(nnunet_env.preprocessed, copy)
+    cache_path(copy, IDENTIFIER).unlink(missing_ok=True)
+    return copy
+
+
+def raw_counts(nnunet_env, case):
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(nnunet_env.raw / "labelsTr" / f"{case}.nii.gz")))
+    return np.bincount(labels.ravel(), minlength=4)
+
+
+def test_counts_match_the_raw_labels_and_are_cached(nnunet_env, preprocessed_copy, monkeypatch):
+    counts = case_label_counts(preprocessed_copy, IDENTIFIER, LabelSpec(4), num_processes=2)
+    assert sorted(counts) == [f"case_{i:03d}" for i in range(10)]
+    for case, value in counts.items():
+        assert value.tolist() == raw_counts(nnunet_env, case).tolist()
+    assert cache_path(preprocessed_copy, IDENTIFIER).is_file()
+
+    def must_not_count(*args):
+        raise AssertionError("the cache should have been used")
+
+    monkeypatch.setattr(label_stats, "_count_case", must_not_count)
+    again = case_label_counts(preprocessed_copy, IDENTIFIER, LabelSpec(4))
+    assert {case: value.tolist() for case, value in again.items()} == \
+        {case: value.tolist() for case, value in counts.items()}
+
+
+def test_stale_entries_are_recounted(preprocessed_copy, monkeypatch):
+    case_label_counts(preprocessed_copy, IDENTIFIER, LabelSpec(4))
+    seg_file = preprocessed_copy / IDENTIFIER / "case_003_seg.b2nd"
+    stat = seg_file.stat()
+    os.utime(seg_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # as if nnU-Net rewrote it
+    recounted = []
+    original = label_stats._count_case
+
+    def spy(folder, case, labels):
+        recounted.append(case)
+        return original(folder, case, labels)
+
+    monkeypatch.setattr(label_stats, "_count_case", spy)
+    case_label_counts(preprocessed_copy, IDENTIFIER, LabelSpec(4))
+    assert recounted == ["case_003"]
+
+
+def test_corrupt_or_foreign_cache_is_rebuilt_with_a_warning(nnunet_env, preprocessed_copy):
+    path = cache_path(preprocessed_copy, IDENTIFIER)
+    path.write_text("{ truncated")
+    with pytest.warns(UserWarning, match="unreadable"):
+        counts = case_label_counts(preprocessed_copy, IDENTIFIER, LabelSpec(4))
+    assert counts["case_000"].tolist() == raw_counts(nnunet_env, "case_000").tolist()
+    assert json.loads(path.read_text())["num_classes"] == 4
+    with pytest.warns(UserWarning, match="other labels"):
+        case_label_counts(preprocessed_copy, IDENTIFIER, LabelSpec(4, ignore_label=4))
+
+
+def test_failed_cache_write_keeps_the_old_file(preprocessed_copy, monkeypatch):
+    case_label_counts(preprocessed_copy, IDENTIFIER, LabelSpec(4))
+    path = cache_path(preprocessed_copy, IDENTIFIER)
+    before = path.read_bytes()
+    (preprocessed_copy / IDENTIFIER / "case_009_seg.b2nd").touch()  # stale: forces a rewrite
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("crash mid-write")
+
+    monkeypatch.setattr(json, "dumps", crash)
+    with pytest.raises(KeyboardInterrupt):
+        case_label_counts(preprocessed_copy, IDENTIFIER, LabelSpec(4))
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir() if p.name.startswith(f".{path.name}")] == []
+
+
+def test_nnunet_files_are_only_read(nnunet_env, preprocessed_copy):
+    folder = preprocessed_copy / IDENTIFIER
+    before = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir()}
+    case_label_counts(preprocessed_copy, IDENTIFIER, LabelSpec(4), num_processes=2)
+    assert {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir()} == before
+
+
+def test_missing_configuration_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run nnUNetv2_plan_and_preprocess"):
+        case_label_counts(tmp_path, IDENTIFIER, LabelSpec(4))
+
+
+def test_total_counts_errors():
+    per_case = {"a": np.array([5, 1]), "b": np.array([3, 0])}
+    assert total_counts(per_case, ["a", "b"]).tolist() == [8, 1]
+    with pytest.raises(KeyError, match="splits_final.json"):
+        total_counts(per_case, ["a", "c"])
+    with pytest.raises(ValueError, match="no training cases"):
+        total_counts(per_case, [])
+
+
+def test_empty_class_error_names_fold_class_and_fix():
+    per_case = {"a": np.array([50, 3, 0]), "b": np.array([40, 2, 0])}
+    with pytest.raises(EmptyClassError) as caught:
+        offsets_record(per_case, ["a", "b"], ["background", "liver", "tumor"], 10.0, 1.0, "error", "fold 3 of X")
+    message = str(caught.value)
+    assert "fold 3 of X" in message and "2 (tumor)" in message and "2 training cases" in message
+    assert "nnUNetTrainerMarginCalib_emptyAsOne" in message
+    record = offsets_record(per_case, ["a", "b"], ["background", "liver", "tumor"], 10.0, 1.0, "count_as_one", "x")
+    assert record["counts"] == [90, 5, 0] and all(np.isfinite(record["rho_0k"]))
+
+
+def test_fold_training_cases(tmp_path):
+    cases = [f"c{i}" for i in range(10)]
+    assert fold_training_cases(tmp_path, cases, None) == cases
+    assert fold_training_cases(tmp_path, cases, "all") == cases
+    generated = fold_training_cases(tmp_path, cases, "1")  # nnU-Net's seeded 5-fold split, computed in memory
+    assert len(generated) == 8 and not (tmp_path / "splits_final.json").exists()
+    (tmp_path / "splits_final.json").write_text(json.dumps([{"train": ["c1", "c2"], "val": ["c3"]}]))
+    assert fold_training_cases(tmp_path, cases, "0") == ["c1", "c2"]
+    with pytest.raises(ValueError, match="fold '4' is not among the 1 folds"):
+        fold_training_cases(tmp_path, cases, "4")
+
+
+def test_label_stats_command(nnunet_env):
+    result = nnunet_env.run("nnunet-margin", "label-stats", "987", "-c", "3d_fullres", "-f", "0", "-np", "1")
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("fold 0 of Dataset987_MarginDemo (3d_fullres): 8 cases")
+    rows = {line.split()[1]: line.split() for line in lines[2:6]}
+    assert set(rows) == {"background", "organ", "lesion", "rare_spot"}
+    # rarer classes get larger rho_0k
+    assert float(rows["rare_spot"][4]) > float(rows["lesion"][4]) > float(rows["organ"][4])
+    failed = nnunet_env.run("nnunet-margin", "label-stats", "987", "-f", "9", check=False)
+    assert failed.returncode == 2 and "fold '9' is not among" in failed.stderr
