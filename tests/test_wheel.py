@@ -38,7 +38,7 @@ def test_wheel_ships_the_trainer_shims(tmp_path):
 
     env = {key: value for key, value in os.environ.items() if not key.startswith("nnUNet_")}
     printed = subprocess.run([str(fresh / "bin" / "nnunet-margin"), "trainers-path"], check=True, capture_output=True,
-                             text=True, env=env).stdout.strip()
+                             text=True, env=env, cwd=tmp_path).stdout.strip()
     folder = Path(printed)
     assert folder.is_relative_to(fresh), f"{folder} is not inside the fresh venv"
     assert (folder / "nnunet_margin_trainers.py").is_file()
@@ -49,7 +49,7 @@ def test_wheel_ships_the_trainer_shims(tmp_path):
               "             'nnUNetTrainerMbLSDice', 'nnUNetTrainerMbLS_m5', 'nnUNetTrainerMarginCalib_tau5'):\n"
               "    assert find(name).__name__ == name\n"
               "print(nnunet_margin.__file__)\n")
-    found = subprocess.run([str(fresh_python), "-c", lookup], capture_output=True, text=True,
+    found = subprocess.run([str(fresh_python), "-c", lookup], capture_output=True, text=True, cwd=tmp_path,
                            env={**env, "nnUNet_extTrainer": printed})
     assert found.returncode == 0, found.stderr[-3000:]
     assert Path(found.stdout.strip().splitlines()[-1]).is_relative_to(fresh)
