@@ -27,14 +27,20 @@ def random_inputs(shape=(2, 5, 3, 4, 5), dtype=torch.float64, seed=0, scale=3.0)
     return z, y
 
 
+def voxel_rows(z, y, ignore_index):
+    """(voxels, K) logits and (voxels,) labels of the voxels that count."""
+    logits = z.movedim(1, -1).reshape(-1, z.shape[1])
+    labels = y.reshape(-1)
+    if ignore_index is None:
+        return logits, labels
+    keep = labels != ignore_index
+    return logits[keep], labels[keep]
+
+
 def naive_margin_calibration(z, y, rho_k0, rho_0k, form="released", ignore_index=None):
     """Straight from METHODS.md 1b/1c: per-class lambda by explicit max over the other classes."""
     num_classes = z.shape[1]
-    logits = z.movedim(1, -1).reshape(-1, num_classes)
-    labels = y.reshape(-1)
-    if ignore_index is not None:
-        keep = labels != ignore_index
-        logits, labels = logits[keep], labels[keep]
+    logits, labels = voxel_rows(z, y, ignore_index)
     lam = torch.stack([logits[:, k] - torch.cat([logits[:, :k], logits[:, k + 1:]], 1).max(1).values
                        for k in range(num_classes)], 1)
     onehot = F.one_hot(labels, num_classes).to(z.dtype)
@@ -49,12 +55,7 @@ def naive_margin_calibration(z, y, rho_k0, rho_0k, form="released", ignore_index
 
 
 def naive_mbls(z, y, margin, alpha, ignore_index=None):
-    num_classes = z.shape[1]
-    logits = z.movedim(1, -1).reshape(-1, num_classes)
-    labels = y.reshape(-1)
-    if ignore_index is not None:
-        keep = labels != ignore_index
-        logits, labels = logits[keep], labels[keep]
+    logits, labels = voxel_rows(z, y, ignore_index)
     ce = F.cross_entropy(logits, labels)
     distance = logits.max(1, keepdim=True).values - logits
     return ce + alpha * F.relu(distance - margin).mean()
@@ -206,7 +207,7 @@ def test_ignored_voxels_get_no_loss_and_no_gradient(make_loss):
     assert torch.all(leaf.grad[:, :, :2] == 0)
     # same as the loss on the kept voxels alone
     kept = make_loss(None)(z[:, :, 2:], y[:, :, 2:])
-    assert float(loss) == pytest.approx(float(kept), rel=1e-10)
+    assert loss.item() == pytest.approx(kept.item(), rel=1e-10)
 
 
 def test_all_voxels_ignored_gives_zero_loss_with_gradient():
