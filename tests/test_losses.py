@@ -215,7 +215,7 @@ def test_all_voxels_ignored_gives_zero_loss_with_gradient():
     leaf = z.clone().requires_grad_()
     for loss_fn in (MarginCalibrationLoss(*reference_offsets(), ignore_index=7), MbLSLoss(ignore_index=7)):
         loss = loss_fn(leaf, torch.full_like(y, 7))
-        assert float(loss) == 0.0
+        assert loss.item() == 0.0
         loss.backward()
 
 
