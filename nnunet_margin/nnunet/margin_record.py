@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .._atomic import write_json_atomic
+from .._atomic import atomic_path, write_json_atomic
 from ..losses import EmptyClassError, margin_offsets
 from .label_stats import LabelSpec, cache_path, case_label_counts, total_counts
 
@@ -91,8 +91,6 @@ def read_record(output_folder: str) -> dict | None:
 
 def add_record_to_checkpoint(filename: str, record: dict) -> None:
     """Store the record inside a checkpoint nnU-Net just wrote (rewritten atomically)."""
-    from .._atomic import atomic_path
-
     checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
     checkpoint[CHECKPOINT_KEY] = record
     with atomic_path(filename) as temporary:

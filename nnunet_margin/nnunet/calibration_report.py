@@ -1,0 +1,368 @@
+"""Calibration report of nnU-Net predictions: calibration.json + reliability.png beside nnU-Net's summary.json.
+
+Works on folders written by `nnUNetv2_predict --save_probabilities` and on validation folders written with
+`--npz` (CASE.npz with key `probabilities`, CASE.pkl with the properties). Metrics follow METHODS.md section 3 and
+are reported in two scopes:
+
+* ``foreground``: voxels whose ground truth is not background (and not ignored), inside nnU-Net's crop box
+  (the metric the MbLS papers report);
+* ``crop``: every non-ignored voxel inside the crop box. nnU-Net exports background = 1.0 outside the box, so
+  voxels there would only dilute the metrics.
+
+Each scope has a pooled value (one accumulator over all voxels) and a mean over cases (the papers' convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import multiprocessing
+import os
+import pickle
+from dataclasses import dataclass
+from functools import reduce
+from operator import add
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nnunet_margin.calibration import CalibrationStats, plot_reliability_diagram
+from nnunet_margin._atomic import atomic_path
+
+REPORT_FILE = "calibration.json"
+PLOT_FILE = "reliability.png"
+SCOPES = ("foreground", "crop")
+_SCALAR_METRICS = ("ece", "mce", "classwise_ece", "brier", "nll")
+
+PathLike = str | os.PathLike
+
+
+def crop_mask_from_properties(properties: dict, transpose_backward: list[int]) -> np.ndarray:
+    """Bool mask of nnU-Net's crop box in the exported (original) orientation.
+
+    nnU-Net transposes, then crops; `bbox_used_for_cropping` ([lo, hi) per axis) and `shape_before_cropping` are in
+    transposed coordinates, so the box is drawn there and transposed back with the plans' `transpose_backward`.
+    """
+    shape = tuple(int(size) for size in properties["shape_before_cropping"])
+    bbox = properties["bbox_used_for_cropping"]
+    if len(bbox) != len(shape) or sorted(transpose_backward) != list(range(len(shape))):
+        raise ValueError(f"crop box {bbox} and transpose_backward {list(transpose_backward)} do not fit "
+                         f"shape_before_cropping {shape}")
+    mask = np.zeros(shape, dtype=bool)
+    mask[tuple(slice(int(low), int(high)) for low, high in bbox)] = True
+    return mask.transpose(transpose_backward)
+
+
+def evaluate_case(probabilities: np.ndarray | torch.Tensor, segmentation_gt: np.ndarray | torch.Tensor,
+                  crop_mask: np.ndarray | torch.Tensor | None = None, ignore_label: int | None = None,
+                  n_bins: int = 15) -> dict[str, CalibrationStats]:
+    """Statistics of one case in the scopes "foreground" and "crop" (see the module docstring).
+
+    probabilities (K, *spatial); segmentation_gt (*spatial) with class indices (nnU-Net's float reader output is
+    accepted if integer-valued); crop_mask (*spatial) bool, None for all voxels.
+    """
+    device = probabilities.device if isinstance(probabilities, torch.Tensor) else None
+    labels = torch.as_tensor(segmentation_gt, device=device)
+    if labels.is_floating_point():
+        if not torch.equal(labels, labels.round()):
+            raise ValueError("segmentation_gt holds non-integer values; pass a label map")
+        labels = labels.to(torch.int32)
+    counted = None if ignore_label is None else labels != ignore_label
+    if crop_mask is not None:
+        crop_mask = torch.as_tensor(crop_mask, device=device)
+        if crop_mask.shape != labels.shape:
+            raise ValueError(f"crop mask shape {tuple(crop_mask.shape)} does not match segmentation shape "
+                             f"{tuple(labels.shape)}")
+        counted = crop_mask if counted is None else counted & crop_mask
+    foreground = labels != 0 if counted is None else counted & (labels != 0)
+    num_classes = int(probabilities.shape[0])
+    return {scope: CalibrationStats(num_classes, n_bins).update(probabilities, labels, mask=mask)
+            for scope, mask in zip(SCOPES, (foreground, counted))}
+
+
+def _json_value(value: Any) -> Any:
+    """NaN/inf -> None (strict JSON); lists are converted element-wise."""
+    if isinstance(value, list):
+        return [_json_value(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _json_metrics(stats: CalibrationStats) -> dict[str, Any]:
+    return {name: _json_value(value) for name, value in stats.compute().items()}
+
+
+def _nanmean(values: list[float | None]) -> float | None:
+    finite = [value for value in values if value is not None]
+    return sum(finite) / len(finite) if finite else None
+
+
+def _mean_over_cases(case_metrics: list[dict[str, Any]], num_classes: int) -> dict[str, Any]:
+    """Mean over the cases that have voxels in the scope (cases without any are NaN and skipped)."""
+    mean = {name: _nanmean([metrics[name] for metrics in case_metrics]) for name in _SCALAR_METRICS}
+    mean["class_ece"] = [_nanmean([metrics["class_ece"][k] for metrics in case_metrics]) for k in range(num_classes)]
+    mean["num_cases"] = sum(metrics["num_voxels"] > 0 for metrics in case_metrics)
+    return mean
+
+
+def _dice_from_summary(summary_json: Path, class_names: list[str]) -> dict[str, Any]:
+    """Per-class and foreground-mean Dice of nnU-Net's summary.json (keys are label values as strings)."""
+    summary = json.loads(summary_json.read_text())
+    per_class = {class_names[int(key)]: _json_value(metrics.get("Dice"))
+                 for key, metrics in summary.get("mean", {}).items() if key.isdigit() and int(key) < len(class_names)}
+    return {"source": str(summary_json), "per_class": per_class,
+            "foreground_mean": _json_value(summary.get("foreground_mean", {}).get("Dice"))}
+
+
+def write_calibration_report(per_case: dict[str, dict[str, CalibrationStats]], output_folder: PathLike,
+                             class_names: list[str], dice_summary_json: PathLike | None = None) -> dict[str, Any]:
+    """Write `calibration.json` and `reliability.png` (foreground scope, pooled) into output_folder; return the
+    report written to calibration.json.
+
+    The report holds per-case metrics per scope, a summary per scope (pooled and mean over cases), the pooled
+    accumulator state (so reports can be merged with `CalibrationStats.from_dict`) and, if `dice_summary_json`
+    (nnU-Net's summary.json) exists, its per-class and foreground-mean Dice. Both files are written atomically.
+    """
+    if not per_case:
+        raise ValueError("no cases to report")
+    scopes = list(next(iter(per_case.values())))
+    pooled = {scope: reduce(add, (case_stats[scope] for case_stats in per_case.values())) for scope in scopes}
+    num_classes = pooled[scopes[0]].num_classes
+    if len(class_names) != num_classes:
+        raise ValueError(f"got {len(class_names)} class names for {num_classes} probability channels")
+    metric_per_case = {case: {scope: _json_metrics(stats) for scope, stats in case_stats.items()}
+                       for case, case_stats in per_case.items()}
+    summary = {scope: {"pooled": _json_metrics(pooled[scope]),
+                       "mean_over_cases": _mean_over_cases([case[scope] for case in metric_per_case.values()],
+                                                           num_classes)}
+               for scope in scopes}
+    report: dict[str, Any] = {
+        "class_names": list(class_names),
+        "n_bins": pooled[scopes[0]].n_bins,
+        "num_cases": len(per_case),
+        "summary": summary,
+        "metric_per_case": metric_per_case,
+        "pooled_state": {scope: stats.to_dict() for scope, stats in pooled.items()},
+    }
+    if dice_summary_json is not None and Path(dice_summary_json).is_file():
+        report["dice"] = _dice_from_summary(Path(dice_summary_json), list(class_names))
+
+    output_folder = Path(output_folder)
+    with atomic_path(output_folder / REPORT_FILE) as temporary, open(temporary, "w") as handle:
+        json.dump(report, handle, indent=2, allow_nan=False)
+    if "foreground" in pooled:
+        plot_reliability_diagram(pooled["foreground"], output_folder / PLOT_FILE, class_names,
+                                 title=f"Foreground, {len(per_case)} cases pooled")
+    return report
+
+
+@dataclass(frozen=True)
+class _DatasetInfo:
+    """What evaluating a case needs from dataset.json and plans.json (picklable for worker processes)."""
+
+    file_ending: str
+    class_names: list[str]
+    label_values: list[int]  # every value allowed in the ground truth, the ignore label included
+    ignore_label: int | None
+    transpose_backward: list[int]
+    reader_class: type
+
+
+def _find_model_file(pred_folder: Path, name: str) -> Path:
+    """dataset.json / plans.json: nnUNetv2_predict writes them into its output folder; a validation folder
+    (TRAINER/fold_X/validation) has them two levels up."""
+    for folder in (pred_folder, pred_folder.parent, pred_folder.parent.parent):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"no {name} in {pred_folder} or its two parent folders: copy dataset.json and "
+                            f"plans.json from the trained model folder (nnUNet_results/DatasetXXX/TRAINER__PLANS__CONF)"
+                            f" into {pred_folder}")
+
+
+def _load_dataset_info(pred_folder: Path) -> _DatasetInfo:
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    dataset_json = json.loads(_find_model_file(pred_folder, "dataset.json").read_text())
+    plans_manager = PlansManager(str(_find_model_file(pred_folder, "plans.json")))
+    label_manager = plans_manager.get_label_manager(dataset_json)
+    if label_manager.has_regions:
+        raise ValueError("region-based datasets predict independent sigmoid probabilities, not one categorical "
+                         "distribution per voxel; the calibration metrics here need softmax outputs")
+    labels = {name: int(value) for name, value in dataset_json["labels"].items() if name != "ignore"}
+    class_names = sorted(labels, key=labels.get)
+    if sorted(labels.values()) != list(range(len(labels))):
+        raise ValueError(f"dataset.json labels must be consecutive integers from 0, got {dataset_json['labels']}")
+    ignore_label = label_manager.ignore_label
+    return _DatasetInfo(
+        file_ending=dataset_json["file_ending"],
+        class_names=class_names,
+        label_values=sorted(labels.values()) + ([] if ignore_label is None else [int(ignore_label)]),
+        ignore_label=ignore_label,
+        transpose_backward=list(plans_manager.transpose_backward),
+        reader_class=plans_manager.image_reader_writer_class,
+    )
+
+
+def _evaluate_files(npz_file: Path, pkl_file: Path, gt_file: Path, info: _DatasetInfo) -> dict[str, CalibrationStats]:
+    """Load one case (probabilities, properties, ground truth), check it, and evaluate it."""
+    with np.load(npz_file) as data:
+        if "probabilities" not in data.files:
+            raise ValueError(f"{npz_file} has no 'probabilities' array (keys: {data.files}); it is not an nnU-Net "
+                             f"probability export")
+        probabilities = data["probabilities"]
+    with open(pkl_file, "rb") as handle:
+        properties = pickle.load(handle)
+    segmentation, _ = info.reader_class().read_seg(str(gt_file))
+    segmentation = segmentation[0]
+    if probabilities.shape[0] != len(info.class_names):
+        raise ValueError(f"{npz_file} has {probabilities.shape[0]} probability channels but dataset.json lists "
+                         f"{len(info.class_names)} labels {info.class_names}")
+    if probabilities.shape[1:] != segmentation.shape:
+        raise ValueError(f"probabilities shape {probabilities.shape} of {npz_file} does not match ground truth shape "
+                         f"{segmentation.shape} of {gt_file}: is the GT folder the one of this dataset?")
+    unknown = np.setdiff1d(np.unique(segmentation), info.label_values)
+    if unknown.size:
+        values = ", ".join(f"{value:g}" for value in unknown)
+        raise ValueError(f"ground truth {gt_file} holds values {values} that are not labels of dataset.json "
+                         f"({info.label_values}); is the GT folder the one of this dataset?")
+    return evaluate_case(probabilities, segmentation.astype(np.int32),
+                         crop_mask=crop_mask_from_properties(properties, info.transpose_backward),
+                         ignore_label=info.ignore_label)
+
+
+def calibrate_prediction_folder(pred_folder: PathLike, gt_folder: PathLike, output_folder: PathLike | None = None,
+                                num_processes: int = 1) -> dict[str, Any]:
+    """Evaluate every CASE.npz/CASE.pkl in pred_folder against gt_folder/CASE<file_ending> and write the report
+    (calibration.json, reliability.png) into output_folder (default: pred_folder); returns the report.
+
+    dataset.json and plans.json are taken from pred_folder (or, for a validation folder, the model folder above it)
+    for the file ending, labels, reader and transpose. pred_folder/summary.json, if present, adds Dice to the report.
+    """
+    pred_folder, gt_folder = Path(pred_folder), Path(gt_folder)
+    for folder, role in ((pred_folder, "prediction"), (gt_folder, "ground truth")):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{role} folder {folder} does not exist")
+    cases = sorted(path.name[: -len(".npz")] for path in pred_folder.glob("*.npz"))
+    if not cases:
+        raise FileNotFoundError(f"no .npz probability files in {pred_folder}: run nnUNetv2_predict with "
+                                f"--save_probabilities (for validation: nnUNetv2_train ... --val --npz)")
+    info = _load_dataset_info(pred_folder)
+    jobs = []
+    for case in cases:
+        pkl_file, gt_file = pred_folder / f"{case}.pkl", gt_folder / f"{case}{info.file_ending}"
+        if not pkl_file.is_file():
+            raise FileNotFoundError(f"{pkl_file} is missing: nnU-Net writes it beside {case}.npz with "
+                                    f"--save_probabilities; it holds the crop box needed for the 'crop' scope")
+        if not gt_file.is_file():
+            raise FileNotFoundError(f"no ground truth {gt_file} for case {case}: pass the folder with the reference "
+                                    f"segmentations (labelsTr/labelsTs, or nnUNet_preprocessed/DatasetXXX/"
+                                    f"gt_segmentations for validation)")
+        jobs.append((pred_folder / f"{case}.npz", pkl_file, gt_file, info))
+
+    if num_processes > 1 and len(jobs) > 1:
+        with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
+            results = pool.starmap(_evaluate_files, jobs)
+    else:
+        results = [_evaluate_files(*job) for job in jobs]
+    dice_summary = pred_folder / "summary.json"
+    return write_calibration_report(dict(zip(cases, results)), output_folder or pred_folder, info.class_names,
+                                    dice_summary if dice_summary.is_file() else None)
+
+
+def _find_reports(results_dir: Path) -> list[Path]:
+    if (results_dir / REPORT_FILE).is_file():
+        return [results_dir / REPORT_FILE]
+    found = sorted(results_dir.glob(f"**/validation/{REPORT_FILE}"))
+    if not found:
+        raise FileNotFoundError(f"no {REPORT_FILE} in {results_dir} nor in any validation folder below it: run "
+                                f"`nnunet-margin calibration` on the predictions first")
+    return found
+
+
+_COLUMNS = ("report", "class", "dice", "ece", "classwise_ece", "brier", "nll")
+
+
+def _format(value: Any, missing: str = "") -> str:
+    if value is None:
+        return missing
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def compare_reports(results_dirs: list[PathLike]) -> tuple[str, str]:
+    """Markdown and CSV tables comparing calibration reports (foreground scope, mean over cases).
+
+    Each directory holds a calibration.json or is a trainer/fold folder searched for **/validation/calibration.json.
+    One row per report and class, then a 'mean' row: per-class rows give the class's Dice and its own ECE (p_k
+    against 1[y == k]) in the classwise_ece column; the 'mean' row gives the foreground-mean Dice and all metrics.
+    """
+    rows = []
+    for results_dir in results_dirs:
+        for report_file in _find_reports(Path(results_dir)):
+            report = json.loads(report_file.read_text())
+            metrics = report["summary"]["foreground"]["mean_over_cases"]
+            dice = report.get("dice", {})
+            label = str(report_file.parent)
+            for k, name in enumerate(report["class_names"]):
+                rows.append({"report": label, "class": name, "dice": dice.get("per_class", {}).get(name),
+                             "classwise_ece": metrics["class_ece"][k]})
+            rows.append({"report": label, "class": "mean", "dice": dice.get("foreground_mean"),
+                         **{name: metrics[name] for name in _SCALAR_METRICS if name != "mce"}})
+
+    lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+    lines += ["| " + " | ".join(_format(row.get(column)) for column in _COLUMNS) + " |" for row in rows]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return "\n".join(lines) + "\n", buffer.getvalue()
+
+
+def _run_calibration(args: argparse.Namespace) -> None:
+    report = calibrate_prediction_folder(args.pred_folder, args.gt_folder, args.output_folder, args.num_processes)
+    for scope, summary in report["summary"].items():
+        mean = summary["mean_over_cases"]
+        print(f"{scope} (mean over {mean['num_cases']} cases): "
+              + ", ".join(f"{name} {_format(mean[name], missing='n/a')}" for name in _SCALAR_METRICS))
+    output = Path(args.output_folder or args.pred_folder)
+    print(f"wrote {output / REPORT_FILE} and {output / PLOT_FILE}")
+
+
+def _run_compare(args: argparse.Namespace) -> None:
+    markdown, table = compare_reports(args.results_dirs)
+    print(markdown, end="")
+    if args.csv:
+        with atomic_path(args.csv) as temporary:
+            temporary.write_text(table)
+
+
+def add_calibration_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """`calibration PRED_FOLDER GT_FOLDER [-o OUT] [-np N]`; sets func=handler(args)."""
+    parser = subparsers.add_parser(
+        "calibration", help="calibration report of an nnU-Net prediction folder (needs --save_probabilities)",
+        description=__doc__.split("\n\n")[0])
+    parser.add_argument("pred_folder", help="folder of nnUNetv2_predict --save_probabilities, or a validation folder "
+                                            "written with --npz")
+    parser.add_argument("gt_folder", help="folder with the ground-truth segmentations (CASE<file_ending>)")
+    parser.add_argument("-o", "--output-folder", dest="output_folder", default=None,
+                        help="where calibration.json and reliability.png go (default: PRED_FOLDER)")
+    parser.add_argument("-np", "--num-processes", dest="num_processes", type=int, default=1,
+                        help="cases evaluated in parallel (default: 1)")
+    parser.set_defaults(func=_run_calibration)
+    return parser
+
+
+def add_compare_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """`compare RESULTS_DIR... [--csv FILE]`; prints a Markdown table; sets func=handler(args)."""
+    parser = subparsers.add_parser("compare", help="compare calibration reports of several trainers as a table",
+                                   description=compare_reports.__doc__.split("\n\n")[0])
+    parser.add_argument("results_dirs", nargs="+", metavar="RESULTS_DIR",
+                        help="a folder with calibration.json, or a trainer/fold folder with */validation/ below it")
+    parser.add_argument("--csv", default=None, metavar="FILE", help="also write the table as CSV")
+    parser.set_defaults(func=_run_compare)
+    return parser

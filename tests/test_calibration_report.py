@@ -1,0 +1,365 @@
+"""The nnU-Net-facing calibration report on hand-made prediction folders (npz + pkl + NIfTI ground truth)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nnunet_margin.calibration import CalibrationStats, classwise_expected_calibration_error, expected_calibration_error
+from nnunet_margin.nnunet.calibration_report import (
+    add_calibration_parser,
+    add_compare_parser,
+    calibrate_prediction_folder,
+    compare_reports,
+    crop_mask_from_properties,
+    evaluate_case,
+    write_calibration_report,
+)
+
+LABELS = {"background": 0, "organ": 1, "lesion": 2, "ignore": 3}
+CLASS_NAMES = ["background", "organ", "lesion"]
+IGNORE = 3
+ORIGINAL_SHAPE = (6, 7, 8)
+TRANSPOSE_FORWARD = [2, 0, 1]
+TRANSPOSE_BACKWARD = [1, 2, 0]  # argsort of TRANSPOSE_FORWARD
+TRANSPOSED_SHAPE = tuple(ORIGINAL_SHAPE[axis] for axis in TRANSPOSE_FORWARD)  # (8, 6, 7)
+BBOX = [[1, 7], [0, 5], [2, 7]]  # half-open, transposed coordinates
+
+
+def nnunet_crop_mask(bbox=BBOX) -> np.ndarray:
+    """What nnU-Net's export does with a crop: paste it into zeros of shape_before_cropping, transpose back."""
+    from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
+
+    crop = np.ones([high - low for low, high in bbox], dtype=bool)
+    return insert_crop_into_image(np.zeros(TRANSPOSED_SHAPE, dtype=bool), crop, bbox).transpose(TRANSPOSE_BACKWARD)
+
+
+def make_case(seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Probabilities (3, *ORIGINAL_SHAPE) with background = 1.0 outside the crop box (as nnU-Net exports them),
+    ground truth with labels 0-2 and a few ignore voxels, and the properties nnU-Net pickles."""
+    rng = np.random.default_rng(seed)
+    crop = nnunet_crop_mask()
+    logits = rng.normal(0, 2, (3, *ORIGINAL_SHAPE))
+    probabilities = np.exp(logits) / np.exp(logits).sum(0)
+    probabilities[:, ~crop] = np.array([1.0, 0.0, 0.0])[:, None]
+    gt = np.where(crop, rng.integers(0, 3, ORIGINAL_SHAPE), 0)
+    gt[rng.random(ORIGINAL_SHAPE) < 0.05] = IGNORE
+    properties = {"shape_before_cropping": TRANSPOSED_SHAPE, "bbox_used_for_cropping": BBOX,
+                  "spacing": [1.0, 1.0, 1.0]}
+    return probabilities.astype(np.float32), gt.astype(np.uint8), properties
+
+
+def write_prediction_folder(folder: Path, gt_folder: Path, cases=("case_000", "case_001", "case_002"),
+                            model_folder: Path | None = None) -> dict:
+    """What nnUNetv2_predict --save_probabilities writes (npz, pkl, dataset.json, plans.json) plus the GT."""
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True, exist_ok=True)
+    gt_folder.mkdir(parents=True, exist_ok=True)
+    model_folder = model_folder or folder
+    model_folder.mkdir(parents=True, exist_ok=True)
+    (model_folder / "dataset.json").write_text(json.dumps(
+        {"labels": LABELS, "file_ending": ".nii.gz", "channel_names": {"0": "ct"}, "numTraining": len(cases)}))
+    (model_folder / "plans.json").write_text(json.dumps(
+        {"transpose_forward": TRANSPOSE_FORWARD, "transpose_backward": TRANSPOSE_BACKWARD,
+         "image_reader_writer": "SimpleITKIO", "configurations": {}}))
+    data = {}
+    for seed, case in enumerate(cases):
+        probabilities, gt, properties = make_case(seed)
+        np.savez_compressed(folder / f"{case}.npz", probabilities=probabilities)
+        (folder / f"{case}.pkl").write_bytes(pickle.dumps(properties))
+        sitk.WriteImage(sitk.GetImageFromArray(gt), str(gt_folder / f"{case}.nii.gz"))
+        data[case] = (probabilities, gt)
+    return data
+
+
+def expected_foreground(probabilities: np.ndarray, gt: np.ndarray) -> dict:
+    """Foreground-scope metrics computed on the explicitly selected voxels."""
+    selected = nnunet_crop_mask() & (gt != 0) & (gt != IGNORE)
+    p, y = probabilities[:, selected], gt[selected]
+    return {"ece": expected_calibration_error(p, y), "classwise_ece": classwise_expected_calibration_error(p, y),
+            "num_voxels": int(selected.sum())}
+
+
+def strict_json(path: Path) -> dict:
+    def reject(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(path.read_text(), parse_constant=reject)
+
+
+# --- crop mask and evaluate_case ------------------------------------------------------------------------------------
+
+def test_crop_mask_matches_nnunet_export_and_preprocessing():
+    properties = {"shape_before_cropping": TRANSPOSED_SHAPE, "bbox_used_for_cropping": BBOX}
+    mask = crop_mask_from_properties(properties, TRANSPOSE_BACKWARD)
+    assert mask.shape == ORIGINAL_SHAPE
+    np.testing.assert_array_equal(mask, nnunet_crop_mask())
+    # Preprocessing: transpose_forward, then crop. The voxels it keeps are exactly those under the mask.
+    volume = np.arange(np.prod(ORIGINAL_SHAPE)).reshape(ORIGINAL_SHAPE)
+    kept = volume.transpose(TRANSPOSE_FORWARD)[tuple(slice(low, high) for low, high in BBOX)]
+    assert sorted(kept.ravel()) == sorted(volume[mask])
+
+
+def test_crop_mask_rejects_a_transpose_that_does_not_fit():
+    properties = {"shape_before_cropping": TRANSPOSED_SHAPE, "bbox_used_for_cropping": BBOX}
+    with pytest.raises(ValueError, match="transpose_backward"):
+        crop_mask_from_properties(properties, [0, 1])
+
+
+@pytest.mark.parametrize("use_crop, ignore_label", [(True, IGNORE), (False, IGNORE), (True, None), (False, None)])
+@pytest.mark.parametrize("as_torch", [False, True])
+def test_evaluate_case_scopes(use_crop, ignore_label, as_torch):
+    probabilities, gt, _ = make_case(0)
+    if ignore_label is None:
+        gt[gt == IGNORE] = 2
+    crop = nnunet_crop_mask()
+    counted = (crop if use_crop else np.ones_like(crop)) & (gt != IGNORE)
+    arguments = (torch.from_numpy(probabilities), torch.from_numpy(gt)) if as_torch else (probabilities, gt)
+    result = evaluate_case(*arguments, crop_mask=crop if use_crop else None, ignore_label=ignore_label)
+
+    assert set(result) == {"foreground", "crop"}
+    for scope, selected in (("foreground", counted & (gt != 0)), ("crop", counted)):
+        metrics = result[scope].compute()
+        assert metrics["num_voxels"] == int(selected.sum())
+        assert metrics["ece"] == pytest.approx(expected_calibration_error(probabilities[:, selected], gt[selected]),
+                                               rel=1e-12)
+    if not use_crop:  # the crop scope then also sees the exported background = 1.0 outside the box
+        assert result["crop"].num_voxels > int((crop & counted).sum())
+
+
+def test_evaluate_case_label_maps_from_nnunet_reader():
+    probabilities, gt, _ = make_case(1)
+    as_float = evaluate_case(probabilities, gt.astype(np.float32), ignore_label=IGNORE)  # nnU-Net reads float32
+    as_int = evaluate_case(probabilities, gt, ignore_label=IGNORE)
+    assert as_float["foreground"].to_dict() == as_int["foreground"].to_dict()
+    with pytest.raises(ValueError, match="non-integer"):
+        evaluate_case(probabilities, gt + np.float32(0.5), ignore_label=IGNORE)
+    with pytest.raises(ValueError, match=r"crop mask shape \(6, 7\)"):
+        evaluate_case(probabilities, gt, crop_mask=np.ones((6, 7), dtype=bool))
+    with pytest.raises(ValueError, match="outside"):  # the ignore label is not a class unless declared
+        evaluate_case(probabilities, gt)
+
+
+# --- write_calibration_report ---------------------------------------------------------------------------------------
+
+def _per_case(num_cases: int = 3) -> dict[str, dict[str, CalibrationStats]]:
+    per_case = {}
+    for seed in range(num_cases):
+        probabilities, gt, _ = make_case(seed)
+        per_case[f"case_{seed:03d}"] = evaluate_case(probabilities, gt, nnunet_crop_mask(), IGNORE)
+    return per_case
+
+
+def test_write_report_contents(tmp_path):
+    per_case = _per_case()
+    probabilities, gt, _ = make_case(0)
+    per_case["no_foreground"] = evaluate_case(probabilities, np.zeros_like(gt), nnunet_crop_mask(), IGNORE)
+    summary_json = tmp_path / "summary.json"
+    summary_json.write_text(json.dumps({"foreground_mean": {"Dice": 0.7},
+                                        "mean": {"1": {"Dice": 0.8}, "2": {"Dice": 0.6}}}))
+    report = write_calibration_report(per_case, tmp_path / "out", CLASS_NAMES, summary_json)
+
+    written = strict_json(tmp_path / "out" / "calibration.json")
+    assert written == json.loads(json.dumps(report))
+    assert (tmp_path / "out" / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert written["class_names"] == CLASS_NAMES and written["num_cases"] == 4
+    assert written["dice"]["per_class"] == {"organ": 0.8, "lesion": 0.6}
+    assert written["dice"]["foreground_mean"] == 0.7
+
+    per_case_ece = [expected_foreground(*make_case(seed)[:2])["ece"] for seed in range(3)]
+    foreground = written["summary"]["foreground"]
+    assert written["metric_per_case"]["no_foreground"]["foreground"]["ece"] is None
+    assert foreground["mean_over_cases"]["ece"] == pytest.approx(np.mean(per_case_ece), rel=1e-12)
+    assert foreground["mean_over_cases"]["num_cases"] == 3
+    pooled_voxels = sum(expected_foreground(*make_case(seed)[:2])["num_voxels"] for seed in range(3))
+    assert foreground["pooled"]["num_voxels"] == pooled_voxels
+    all_probabilities = np.concatenate([make_case(s)[0].reshape(3, -1) for s in range(3)], axis=1)
+    all_gt = np.concatenate([make_case(s)[1].ravel() for s in range(3)])
+    selected = np.tile(nnunet_crop_mask().ravel(), 3) & (all_gt != 0) & (all_gt != IGNORE)
+    assert foreground["pooled"]["ece"] == pytest.approx(
+        expected_calibration_error(all_probabilities[:, selected], all_gt[selected]), rel=1e-12)
+    restored = CalibrationStats.from_dict(written["pooled_state"]["crop"])
+    assert restored.compute()["ece"] == pytest.approx(written["summary"]["crop"]["pooled"]["ece"], rel=1e-15)
+
+
+def test_write_report_without_dice(tmp_path):
+    report = write_calibration_report(_per_case(1), tmp_path, CLASS_NAMES, tmp_path / "missing_summary.json")
+    assert "dice" not in report
+    summary_json = tmp_path / "summary.json"  # nnU-Net writes NaN (non-standard JSON) for a class absent everywhere
+    summary_json.write_text('{"foreground_mean": {"Dice": NaN}, "mean": {"1": {"Dice": 0.5}, "2": {"Dice": NaN}}}')
+    write_calibration_report(_per_case(1), tmp_path, CLASS_NAMES, summary_json)
+    assert strict_json(tmp_path / "calibration.json")["dice"]["per_class"] == {"organ": 0.5, "lesion": None}
+    with pytest.raises(ValueError, match="2 class names for 3"):
+        write_calibration_report(_per_case(1), tmp_path, CLASS_NAMES[:2], None)
+    with pytest.raises(ValueError, match="no cases"):
+        write_calibration_report({}, tmp_path, CLASS_NAMES, None)
+
+
+def _crash_json(obj, handle, **kwargs):
+    handle.write('{"half": ')
+    raise RuntimeError("crashed")
+
+
+def _crash_png(self, path, **kwargs):
+    Path(path).write_bytes(b"\x89PNG partial")
+    raise RuntimeError("crashed")
+
+
+@pytest.mark.parametrize("target, name, crash", [
+    ("json", "dump", _crash_json),
+    ("matplotlib.figure.Figure", "savefig", _crash_png),
+])
+def test_failed_write_leaves_old_files_intact(tmp_path, monkeypatch, target, name, crash):
+    write_calibration_report(_per_case(1), tmp_path, CLASS_NAMES, None)
+    old = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    assert sorted(old) == ["calibration.json", "reliability.png"]
+
+    monkeypatch.setattr(f"{target}.{name}", crash)
+    with pytest.raises(RuntimeError, match="crashed"):
+        write_calibration_report(_per_case(2), tmp_path, CLASS_NAMES, None)
+
+    new = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    assert sorted(new) == ["calibration.json", "reliability.png"]  # no temporary file left behind
+    crashed_file = "calibration.json" if name == "dump" else "reliability.png"
+    assert new[crashed_file] == old[crashed_file]
+    strict_json(tmp_path / "calibration.json")
+
+
+# --- calibrate_prediction_folder ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("num_processes", [1, 2])
+def test_calibrate_prediction_folder(tmp_path, num_processes):
+    data = write_prediction_folder(tmp_path / "pred", tmp_path / "gt")
+    (tmp_path / "pred" / "case_000.nii.gz").write_bytes(b"")  # nnU-Net's segmentations sit beside the npz
+    (tmp_path / "pred" / "summary.json").write_text(json.dumps({"foreground_mean": {"Dice": 0.5},
+                                                                "mean": {"1": {"Dice": 0.4}, "2": {"Dice": 0.6}}}))
+    report = calibrate_prediction_folder(tmp_path / "pred", tmp_path / "gt", tmp_path / "out",
+                                         num_processes=num_processes)
+    assert strict_json(tmp_path / "out" / "calibration.json") == json.loads(json.dumps(report))
+    assert (tmp_path / "out" / "reliability.png").is_file()
+    assert report["class_names"] == CLASS_NAMES
+    assert report["dice"]["foreground_mean"] == 0.5
+    for case, (probabilities, gt) in data.items():
+        expected = expected_foreground(probabilities, gt)
+        metrics = report["metric_per_case"][case]["foreground"]
+        assert metrics["num_voxels"] == expected["num_voxels"]
+        assert metrics["ece"] == pytest.approx(expected["ece"], rel=1e-12)
+        assert metrics["classwise_ece"] == pytest.approx(expected["classwise_ece"], rel=1e-12)
+        crop_voxels = int((nnunet_crop_mask() & (gt != IGNORE)).sum())
+        assert report["metric_per_case"][case]["crop"]["num_voxels"] == crop_voxels
+
+
+def test_calibrate_validation_folder_writes_beside_the_predictions(tmp_path):
+    trainer = tmp_path / "Trainer__nnUNetPlans__3d_fullres"
+    write_prediction_folder(trainer / "fold_0" / "validation", tmp_path / "gt", model_folder=trainer)
+    calibrate_prediction_folder(trainer / "fold_0" / "validation", tmp_path / "gt")
+    assert (trainer / "fold_0" / "validation" / "calibration.json").is_file()
+
+
+def _break_no_npz(pred, gt):
+    for npz in pred.glob("*.npz"):
+        npz.unlink()
+
+
+def _break_shape(pred, gt):
+    np.savez_compressed(pred / "case_001.npz", probabilities=np.full((3, 6, 8, 7), 1 / 3, dtype=np.float32))
+
+
+def _break_labels(pred, gt):
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.GetImageFromArray(np.full(ORIGINAL_SHAPE, 7, dtype=np.uint8)), str(gt / "case_002.nii.gz"))
+
+
+def _break_channels(pred, gt):
+    np.savez_compressed(pred / "case_000.npz", probabilities=np.full((2, *ORIGINAL_SHAPE), 0.5, dtype=np.float32))
+
+
+def _break_key(pred, gt):
+    np.savez_compressed(pred / "case_000.npz", softmax=np.full((3, *ORIGINAL_SHAPE), 1 / 3, dtype=np.float32))
+
+
+def _break_regions(pred, gt):
+    dataset = json.loads((pred / "dataset.json").read_text())
+    dataset["labels"] = {"background": 0, "whole": [1, 2], "core": 2}
+    dataset["regions_class_order"] = [1, 2]
+    (pred / "dataset.json").write_text(json.dumps(dataset))
+
+
+@pytest.mark.parametrize("break_folder, error, message", [
+    (_break_no_npz, FileNotFoundError, "--save_probabilities"),
+    (lambda pred, gt: (gt / "case_001.nii.gz").unlink(), FileNotFoundError, "no ground truth .*case_001.nii.gz"),
+    (lambda pred, gt: (pred / "case_002.pkl").unlink(), FileNotFoundError, "case_002.pkl is missing"),
+    (lambda pred, gt: (pred / "plans.json").unlink(), FileNotFoundError, "no plans.json"),
+    (_break_shape, ValueError, r"probabilities shape \(3, 6, 8, 7\).*ground truth shape \(6, 7, 8\)"),
+    (_break_labels, ValueError, "values 7 that are not labels"),
+    (_break_channels, ValueError, "2 probability channels"),
+    (_break_key, ValueError, "no 'probabilities' array"),
+    (_break_regions, ValueError, "region-based"),
+    (lambda pred, gt: shutil.rmtree(gt), FileNotFoundError, "ground truth folder"),
+])
+def test_calibrate_prediction_folder_errors(tmp_path, break_folder, error, message):
+    write_prediction_folder(tmp_path / "pred", tmp_path / "gt")
+    break_folder(tmp_path / "pred", tmp_path / "gt")
+    with pytest.raises(error, match=message):
+        calibrate_prediction_folder(tmp_path / "pred", tmp_path / "gt")
+    assert not (tmp_path / "pred" / "calibration.json").exists()
+
+
+# --- compare_reports and the argparse glue --------------------------------------------------------------------------
+
+def test_compare_reports(tmp_path):
+    summary_json = tmp_path / "summary.json"
+    summary_json.write_text(json.dumps({"foreground_mean": {"Dice": 0.75}, "mean": {"1": {"Dice": 0.9},
+                                                                                     "2": {"Dice": 0.6}}}))
+    direct = write_calibration_report(_per_case(2), tmp_path / "direct", CLASS_NAMES, summary_json)
+    trainer = tmp_path / "TrainerB"
+    for fold in (0, 1):
+        write_calibration_report(_per_case(fold + 1), trainer / f"fold_{fold}" / "validation", CLASS_NAMES, None)
+
+    markdown, table = compare_reports([tmp_path / "direct", trainer])
+    lines = markdown.strip().splitlines()
+    assert lines[0] == "| report | class | dice | ece | classwise_ece | brier | nll |"
+    assert len(lines) == 2 + 3 * 4  # header, rule, 3 reports x (3 classes + mean)
+    rows = list(csv.DictReader(io.StringIO(table)))
+    assert [row["class"] for row in rows[:4]] == [*CLASS_NAMES, "mean"]
+    assert {row["report"] for row in rows[4:]} == {str(trainer / f"fold_{f}" / "validation") for f in (0, 1)}
+    mean = direct["summary"]["foreground"]["mean_over_cases"]
+    assert float(rows[3]["ece"]) == mean["ece"] and float(rows[3]["nll"]) == mean["nll"]
+    assert float(rows[3]["dice"]) == 0.75 and float(rows[1]["dice"]) == 0.9 and rows[0]["dice"] == ""
+    assert float(rows[2]["classwise_ece"]) == mean["class_ece"][2]
+    assert f"| {mean['ece']:.4f} |" in lines[5]
+    assert math.isclose(np.mean([float(row["classwise_ece"]) for row in rows[:3]]), float(rows[3]["classwise_ece"]))
+
+    with pytest.raises(FileNotFoundError, match="nunet-margin calibration"):
+        compare_reports([tmp_path / "nothing_here"])
+
+
+def test_argparse_glue(tmp_path, capsys):
+    write_prediction_folder(tmp_path / "pred", tmp_path / "gt")
+    parser = argparse.ArgumentParser(prog="nnunet-margin")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_calibration_parser(subparsers)
+    add_compare_parser(subparsers)
+
+    args = parser.parse_args(["calibration", str(tmp_path / "pred"), str(tmp_path / "gt"), "-o",
+                              str(tmp_path / "out"), "-np", "1"])
+    args.func(args)
+    assert "foreground (mean over 3 cases): ece" in capsys.readouterr().out
+    assert (tmp_path / "out" / "calibration.json").is_file()
+
+    args = parser.parse_args(["compare", str(tmp_path / "out"), "--csv", str(tmp_path / "table.csv")])
+    args.func(args)
+    assert capsys.readouterr().out.startswith("| report | class |")
+    assert (tmp_path / "table.csv").read_text().startswith("report,class,dice")
