@@ -72,6 +72,8 @@ def _label_stats_command(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .nnunet.calibration_report import add_calibration_parser, add_compare_parser
+    from .nnunet.portable import add_export_portable_parser
+    from .nnunet.temperature import add_fit_temperature_parser
 
     parser = argparse.ArgumentParser(prog="nnunet-margin", description="Margin calibration and MbLS for nnU-Net v2")
     parser.add_argument("--version", action="version", version=f"nnunet-margin {__version__}")
@@ -96,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_calibration_parser(commands)
     add_compare_parser(commands)
+    add_fit_temperature_parser(commands)
+    add_export_portable_parser(commands)
     return parser
 
 

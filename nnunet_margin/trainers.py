@@ -9,7 +9,6 @@ convention: the results folder is named after the trainer). Every class override
 from __future__ import annotations
 
 import numpy as np
-import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from .losses import MarginCalibrationLoss, MbLSLoss

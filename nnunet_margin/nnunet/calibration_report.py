@@ -72,17 +72,24 @@ def evaluate_case(probabilities: np.ndarray | torch.Tensor, segmentation_gt: np.
         if not torch.equal(labels, labels.round()):
             raise ValueError("segmentation_gt holds non-integer values; pass a label map")
         labels = labels.to(torch.int32)
-    counted = None if ignore_label is None else labels != ignore_label
     if crop_mask is not None:
         crop_mask = torch.as_tensor(crop_mask, device=device)
         if crop_mask.shape != labels.shape:
             raise ValueError(f"crop mask shape {tuple(crop_mask.shape)} does not match segmentation shape "
                              f"{tuple(labels.shape)}")
-        counted = crop_mask if counted is None else counted & crop_mask
-    foreground = labels != 0 if counted is None else counted & (labels != 0)
     num_classes = int(probabilities.shape[0])
     return {scope: CalibrationStats(num_classes, n_bins).update(probabilities, labels, mask=mask)
-            for scope, mask in zip(SCOPES, (foreground, counted))}
+            for scope, mask in scope_masks(labels, crop_mask, ignore_label).items()}
+
+
+def scope_masks(labels, crop_mask=None, ignore_label: int | None = None) -> dict:
+    """The voxels of each scope (numpy or torch, None for all): "foreground" (ground truth not background) and
+    "crop" (every voxel), both inside the crop box and without the ignore label."""
+    counted = None if ignore_label is None else labels != ignore_label
+    if crop_mask is not None:
+        counted = crop_mask if counted is None else counted & crop_mask
+    foreground = labels != 0 if counted is None else counted & (labels != 0)
+    return {"foreground": foreground, "crop": counted}
 
 
 def _json_value(value: Any) -> Any:
@@ -163,7 +170,7 @@ def write_calibration_report(per_case: dict[str, dict[str, CalibrationStats]], o
 
 
 @dataclass(frozen=True)
-class _DatasetInfo:
+class DatasetInfo:
     """What evaluating a case needs from dataset.json and plans.json (picklable for worker processes)."""
 
     file_ending: str
@@ -185,7 +192,7 @@ def _find_model_file(pred_folder: Path, name: str) -> Path:
                             f" into {pred_folder}")
 
 
-def _load_dataset_info(pred_folder: Path) -> _DatasetInfo:
+def load_dataset_info(pred_folder: Path) -> DatasetInfo:
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     dataset_json = json.loads(_find_model_file(pred_folder, "dataset.json").read_text())
@@ -199,7 +206,7 @@ def _load_dataset_info(pred_folder: Path) -> _DatasetInfo:
     if sorted(labels.values()) != list(range(len(labels))):
         raise ValueError(f"dataset.json labels must be consecutive integers from 0, got {dataset_json['labels']}")
     ignore_label = label_manager.ignore_label
-    return _DatasetInfo(
+    return DatasetInfo(
         file_ending=dataset_json["file_ending"],
         class_names=class_names,
         label_values=sorted(labels.values()) + ([] if ignore_label is None else [int(ignore_label)]),
@@ -209,8 +216,10 @@ def _load_dataset_info(pred_folder: Path) -> _DatasetInfo:
     )
 
 
-def _evaluate_files(npz_file: Path, pkl_file: Path, gt_file: Path, info: _DatasetInfo) -> dict[str, CalibrationStats]:
-    """Load one case (probabilities, properties, ground truth), check it, and evaluate it."""
+def load_case_files(npz_file: Path, pkl_file: Path, gt_file: Path, info: DatasetInfo
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Probabilities (K, *spatial), integer ground truth (*spatial) and crop mask of one exported case, checked
+    against each other and dataset.json."""
     with np.load(npz_file) as data:
         if "probabilities" not in data.files:
             raise ValueError(f"{npz_file} has no 'probabilities' array (keys: {data.files}); it is not an nnU-Net "
@@ -231,9 +240,13 @@ def _evaluate_files(npz_file: Path, pkl_file: Path, gt_file: Path, info: _Datase
         values = ", ".join(f"{value:g}" for value in unknown)
         raise ValueError(f"ground truth {gt_file} holds values {values} that are not labels of dataset.json "
                          f"({info.label_values}); is the GT folder the one of this dataset?")
-    return evaluate_case(probabilities, segmentation.astype(np.int32),
-                         crop_mask=crop_mask_from_properties(properties, info.transpose_backward),
-                         ignore_label=info.ignore_label)
+    return (probabilities, segmentation.astype(np.int64),
+            crop_mask_from_properties(properties, info.transpose_backward))
+
+
+def _evaluate_files(npz_file: Path, pkl_file: Path, gt_file: Path, info: DatasetInfo) -> dict[str, CalibrationStats]:
+    probabilities, segmentation, crop_mask = load_case_files(npz_file, pkl_file, gt_file, info)
+    return evaluate_case(probabilities, segmentation, crop_mask=crop_mask, ignore_label=info.ignore_label)
 
 
 def calibrate_prediction_folder(pred_folder: PathLike, gt_folder: PathLike, output_folder: PathLike | None = None,
@@ -252,7 +265,7 @@ def calibrate_prediction_folder(pred_folder: PathLike, gt_folder: PathLike, outp
     if not cases:
         raise FileNotFoundError(f"no .npz probability files in {pred_folder}: run nnUNetv2_predict with "
                                 f"--save_probabilities (for validation: nnUNetv2_train ... --val --npz)")
-    info = _load_dataset_info(pred_folder)
+    info = load_dataset_info(pred_folder)
     jobs = []
     for case in cases:
         pkl_file, gt_file = pred_folder / f"{case}.pkl", gt_folder / f"{case}{info.file_ending}"

@@ -81,9 +81,9 @@ def _read_cache(path: Path, labels: LabelSpec) -> dict:
                 and content["ignore_label"] == labels.ignore_label):
             return {case: entry for case, entry in content["cases"].items()
                     if len(entry["counts"]) == labels.num_classes}
-        warnings.warn(f"{path} was written for other labels or an older version; rebuilding it")
+        warnings.warn(f"{path} was written for other labels or an older version; rebuilding it", stacklevel=2)
     except (OSError, ValueError, KeyError, TypeError) as error:
-        warnings.warn(f"{path} is unreadable ({error!r}); rebuilding it")
+        warnings.warn(f"{path} is unreadable ({error!r}); rebuilding it", stacklevel=2)
     return {}
 
 

@@ -1,0 +1,236 @@
+"""Post-hoc temperature scaling of a trained nnU-Net model: one temperature per fold, from its cross-validation.
+
+`fit_model_temperatures` fits T (see `nnunet_margin.calibration.temperature`) on the probabilities nnU-Net wrote for
+the fold's validation cases (fold_X/validation/CASE.npz + CASE.pkl, from `--npz`) against
+$nnUNet_preprocessed/DATASET/gt_segmentations, and writes fold_X/temperature.json with T and the calibration
+metrics before and after. It works for any trainer, nnU-Net's own included. `nnunet-margin export-portable
+--temperature` then folds T into the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._atomic import write_json_atomic
+from ..calibration import CalibrationStats, TemperatureFit, apply_temperature
+from .calibration_report import SCOPES, DatasetInfo, load_case_files, load_dataset_info, scope_masks
+
+TEMPERATURE_FILE = "temperature.json"
+FINAL_CHECKPOINT = "checkpoint_final.pth"
+_REPORTED_METRICS = {"ece": "ECE", "classwise_ece": "classwise ECE", "nll": "NLL", "brier": "Brier"}
+
+PathLike = str | os.PathLike
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """An nnU-Net model folder DATASET/TRAINER__PLANS__CONFIGURATION (with plans.json and dataset.json)."""
+
+    folder: Path
+    dataset_name: str
+    trainer: str
+    plans: str
+    configuration: str
+
+    @classmethod
+    def load(cls, folder: PathLike) -> TrainedModel:
+        folder = Path(folder).resolve()
+        for name in ("plans.json", "dataset.json"):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder / name} is missing: pass a trained nnU-Net model folder "
+                                        f"(nnUNet_results/DatasetXXX_Name/TRAINER__PLANS__CONFIGURATION)")
+        parts = folder.name.split("__")
+        if len(parts) != 3 or not all(parts):
+            raise ValueError(f"model folder name {folder.name!r} is not TRAINER__PLANS__CONFIGURATION as nnU-Net "
+                             f"writes it; pass the folder nnUNetv2_train trained into")
+        dataset_name = json.loads((folder / "plans.json").read_text())["dataset_name"]
+        return cls(folder, dataset_name, *parts)
+
+    def fold_folders(self, folds: Iterable[str | int] | None = None) -> list[Path]:
+        """fold_X folders holding checkpoint_final.pth: those of `folds`, or every trained one."""
+        if folds is None:
+            found = sorted(path.parent for path in self.folder.glob(f"fold_*/{FINAL_CHECKPOINT}"))
+            if not found:
+                raise FileNotFoundError(f"no fold_X/{FINAL_CHECKPOINT} in {self.folder}: train the model first")
+            return found
+        folders = [self.folder / f"fold_{fold}" for fold in folds]
+        for folder in folders:
+            if not (folder / FINAL_CHECKPOINT).is_file():
+                raise FileNotFoundError(f"{folder / FINAL_CHECKPOINT} is missing: fold "
+                                        f"{folder.name.removeprefix('fold_')} is not trained (or has not finished)")
+        return folders
+
+
+@dataclass(frozen=True)
+class _Case:
+    """One validation case to read (picklable for worker processes)."""
+
+    probabilities: Path  # CASE.npz
+    properties: Path  # CASE.pkl
+    ground_truth: Path
+    info: DatasetInfo
+    scope: str
+
+
+def _scope_voxels(case: _Case) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities (K, V) and labels (V,) of the case's voxels in its scope (see calibration_report)."""
+    probabilities, labels, crop_mask = load_case_files(case.probabilities, case.properties, case.ground_truth,
+                                                       case.info)
+    counted = scope_masks(labels, crop_mask, case.info.ignore_label)[case.scope]
+    return probabilities[:, counted], labels[counted]
+
+
+@contextmanager
+def _case_reader(num_processes: int) -> Iterator[Callable[[list[_Case]], Iterable]]:
+    """Yields map(_scope_voxels, cases), in order, on `num_processes` worker processes if more than one."""
+    if num_processes <= 1:
+        yield lambda cases: map(_scope_voxels, cases)
+        return
+    with multiprocessing.get_context("spawn").Pool(num_processes) as pool:
+        yield lambda cases: pool.imap(_scope_voxels, cases)
+
+
+def _console_script(name: str) -> str:
+    """The nnU-Net command of this Python environment (works without an activated venv)."""
+    beside_python = Path(sys.executable).parent / name
+    return str(beside_python) if beside_python.is_file() else name
+
+
+def _ensure_validation_probabilities(model: TrainedModel, fold_folder: Path) -> None:
+    """Run nnU-Net's validation with --npz for a fold whose validation folder has no .npz files."""
+    if any((fold_folder / "validation").glob("*.npz")):
+        return
+    results = os.environ.get("nnUNet_results")
+    if results is None or (Path(results) / model.dataset_name / model.folder.name).resolve() != model.folder:
+        raise RuntimeError(f"{fold_folder / 'validation'} has no .npz probabilities, and nnUNetv2_train --val can "
+                           f"only write them if nnUNet_results points at this model's results folder: export "
+                           f"nnUNet_results={model.folder.parent.parent} (now {results or 'not set'})")
+    fold = fold_folder.name.removeprefix("fold_")
+    command = [_console_script("nnUNetv2_train"), model.dataset_name, model.configuration, fold, "-tr",
+               model.trainer, "-p", model.plans, "--val", "--npz", "-device",
+               "cuda" if torch.cuda.is_available() else "cpu"]
+    print(f"{fold_folder.name}: no validation probabilities (.npz); running nnU-Net's validation:\n  "
+          + " ".join(command), flush=True)
+    if subprocess.run(command).returncode != 0:
+        raise RuntimeError(f"`{' '.join(command)}` failed (see its output above); if nnU-Net cannot find trainer "
+                           f"{model.trainer}, set nnUNet_extTrainer as for training")
+    if not any((fold_folder / "validation").glob("*.npz")):
+        raise RuntimeError(f"nnU-Net's validation wrote no .npz into {fold_folder / 'validation'}")
+
+
+def _validation_cases(fold_folder: Path, gt_folder: Path, info: DatasetInfo, scope: str) -> list[_Case]:
+    cases = []
+    for npz in sorted((fold_folder / "validation").glob("*.npz")):
+        case = _Case(npz, npz.with_suffix(".pkl"), gt_folder / (npz.stem + info.file_ending), info, scope)
+        for path in (case.properties, case.ground_truth):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing (needed for validation case {npz.stem} of "
+                                        f"{fold_folder.name})")
+        cases.append(case)
+    return cases
+
+
+def _fit_fold(fold_folder: Path, cases: list[_Case], read_cases: Callable[[list[_Case]], Iterable],
+              num_classes: int, scope: str) -> dict[str, Any]:
+    """Fit the fold's temperature, measure calibration before and after, write temperature.json; returns it."""
+    fit, before, after = TemperatureFit(), CalibrationStats(num_classes), CalibrationStats(num_classes)
+    for probabilities, labels in read_cases(cases):
+        fit.update(probabilities, labels)
+        before.update(probabilities, labels)
+    temperature = fit.fit()
+    for probabilities, labels in read_cases(cases):
+        after.update(apply_temperature(probabilities, temperature), labels)
+    record = {
+        "temperature": temperature,
+        "scope": scope,
+        "num_cases": len(cases),
+        "num_voxels": fit.num_voxels,
+        "num_voxels_fitted": fit.num_sampled,
+        "class_names": cases[0].info.class_names,
+        "before": before.compute(),
+        "after": after.compute(),
+    }
+    write_json_atomic(fold_folder / TEMPERATURE_FILE, record)
+    return record
+
+
+def fit_model_temperatures(model_folder: PathLike, folds: Iterable[str | int] | None = None,
+                           scope: str = "foreground", num_processes: int = 1) -> dict[str, dict[str, Any]]:
+    """Fit and record one temperature per fold of a trained model; returns {fold folder name: temperature.json}.
+
+    Folds default to every fold_X with checkpoint_final.pth. A fold without validation .npz files gets them from
+    `nnUNetv2_train DATASET CONFIGURATION FOLD -tr TRAINER -p PLANS --val --npz` (run as a subprocess). `scope` is
+    "foreground" (ground truth not background) or "crop" (all voxels in nnU-Net's crop box); ignored voxels never
+    count. `num_processes` cases are read in parallel.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    model = TrainedModel.load(model_folder)
+    preprocessed = os.environ.get("nnUNet_preprocessed")
+    gt_folder = Path(preprocessed or ".") / model.dataset_name / "gt_segmentations"
+    if preprocessed is None or not gt_folder.is_dir():
+        raise FileNotFoundError(f"no ground truth folder {gt_folder}: set nnUNet_preprocessed to the folder "
+                                f"holding {model.dataset_name}/gt_segmentations (now {preprocessed or 'not set'})")
+    fold_folders = model.fold_folders(folds)
+    for fold_folder in fold_folders:
+        _ensure_validation_probabilities(model, fold_folder)
+    info = load_dataset_info(model.folder)
+
+    records = {}
+    with _case_reader(num_processes) as read_cases:
+        for fold_folder in fold_folders:
+            cases = _validation_cases(fold_folder, gt_folder, info, scope)
+            records[fold_folder.name] = _fit_fold(fold_folder, cases, read_cases, len(info.class_names), scope)
+    return records
+
+
+def _before_after(before: float, after: float) -> str:
+    return " -> ".join("n/a" if not math.isfinite(value) else f"{value:.4f}" for value in (before, after))
+
+
+def temperature_table(records: dict[str, dict[str, Any]]) -> str:
+    """Markdown table of `fit_model_temperatures`' result: T and each metric before -> after, per fold."""
+    columns = ["fold", "scope", "T", *_REPORTED_METRICS.values()]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for fold, record in records.items():
+        cells = [fold, record["scope"], f"{record['temperature']:.4f}"]
+        cells += [_before_after(record["before"][name], record["after"][name]) for name in _REPORTED_METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _run_fit_temperature(args: argparse.Namespace) -> int:
+    records = fit_model_temperatures(args.model_folder, args.folds, args.scope, args.num_processes)
+    print(temperature_table(records), end="")
+    print(f"wrote {TEMPERATURE_FILE} into " + ", ".join(str(Path(args.model_folder) / fold) for fold in records))
+    return 0
+
+
+def add_fit_temperature_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """`fit-temperature MODEL_FOLDER [-f FOLDS...] [--scope foreground|crop] [-np N]`; sets func=handler(args)."""
+    parser = subparsers.add_parser("fit-temperature", help="fit a post-hoc temperature per fold on its validation "
+                                                           "probabilities (writes fold_X/temperature.json)",
+                                   description=__doc__.split("\n\n")[0])
+    parser.add_argument("model_folder", help="trained model folder nnUNet_results/DatasetXXX/TRAINER__PLANS__CONF")
+    parser.add_argument("-f", "--folds", nargs="+", default=None,
+                        help="folds to fit (default: every fold_X with checkpoint_final.pth)")
+    parser.add_argument("--scope", choices=SCOPES, default="foreground",
+                        help="voxels the temperature is fitted and measured on (default: foreground)")
+    parser.add_argument("-np", "--num-processes", dest="num_processes", type=int, default=1,
+                        help="cases read in parallel (default: 1)")
+    parser.set_defaults(func=_run_fit_temperature)
+    return parser

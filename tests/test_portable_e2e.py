@@ -1,0 +1,325 @@
+"""End to end: train a plugin trainer with --npz, fit temperatures, export portable copies, and predict with plain
+nnU-Net (no nnUNet_extTrainer, and `import nnunet_margin` blocked) as challenge submissions do.
+
+nnUNetv2_predict sums the Gaussian-weighted sliding-window logits in float16. Its probabilities from the tempered
+copy therefore match softmax(log p / T) of the plugin's to float precision only where that rounding commutes with
+the division by T: for T a power of two, and where the Gaussian weight does not underflow float16 (away from the
+patch corners). The prediction comparison uses T = 0.5 there; the fitted temperature is checked on the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import zipfile
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunet_margin.calibration import CalibrationStats, TemperatureFit, apply_temperature
+from nnunet_margin.nnunet import temperature
+from nnunet_margin.nnunet.portable import add_export_portable_parser, export_portable
+from nnunet_margin.nnunet.temperature import add_fit_temperature_parser, fit_model_temperatures
+
+from conftest import DATASET_ID, DATASET_NAME
+
+pytestmark = pytest.mark.e2e
+
+TRAINER = "nnUNetTrainerMarginCalib_demo"
+PORTABLE = "nnUNetTrainer__nnUNetPlans__3d_fullres"
+PREDICT_FLAGS = ("--save_probabilities", "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_tta")
+FINAL_LAYER = "decoder.seg_layers.2."  # 4 stages in the synthetic dataset's plans: 3 decoder stages
+# Runs an nnU-Net console script (argv[1] = "module:function") with the plugin unimportable.
+PLAIN_NNUNET = """
+import importlib, sys
+sys.modules["nnunet_margin"] = None
+module, function = sys.argv[1].split(":")
+sys.argv = sys.argv[1:]
+sys.exit(getattr(importlib.import_module(module), function)())
+"""
+
+
+@pytest.fixture(scope="module")
+def env(nnunet_env, tmp_path_factory):
+    """The session's planned dataset with this module's own nnUNet_results (other modules train the same trainer),
+    also set in os.environ for the in-process calls."""
+    results = tmp_path_factory.mktemp("portable_results")
+    module_env = dataclasses.replace(nnunet_env, env={**nnunet_env.env, "nnUNet_results": str(results)})
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
+            patch.setenv(name, module_env.env[name])
+        yield module_env
+
+
+@pytest.fixture(scope="module")
+def trained(env) -> Path:
+    env.train(TRAINER, "0", "--npz")
+    return Path(env.env["nnUNet_results"]) / DATASET_NAME / f"{TRAINER}__nnUNetPlans__3d_fullres"
+
+
+@pytest.fixture(scope="module")
+def images(env, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("images")
+    shutil.copy(sorted((env.raw / "imagesTs").iterdir())[0], folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def plugin_prediction(env, trained, images, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("plugin_prediction")
+    env.run("nnUNetv2_predict", "-i", str(images), "-o", str(output), "-d", str(DATASET_ID), "-c", "3d_fullres",
+            "-f", "0", "-tr", TRAINER, *PREDICT_FLAGS)
+    return output
+
+
+@pytest.fixture(scope="module")
+def fitted(trained) -> dict:
+    return fit_model_temperatures(trained)["fold_0"]
+
+
+def run_plain_nnunet(env, command: str, *arguments: str, **variables: str) -> None:
+    """Run an nnU-Net command as plain nnU-Net: no nnUNet_extTrainer, and the plugin cannot be imported."""
+    (entry_point,) = entry_points(group="console_scripts", name=command)
+    environment = {name: value for name, value in env.env.items() if name != "nnUNet_extTrainer"} | variables
+    result = subprocess.run([sys.executable, "-c", PLAIN_NNUNET, entry_point.value, *arguments], env=environment,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+
+
+def run_cli(add_parser, *arguments: str) -> int:
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(required=True))
+    args = parser.parse_args(arguments)
+    return args.func(args)
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def copy_model(model: Path, results: Path, name: str | None = None, ignore: tuple[str, ...] = ()) -> Path:
+    """A copy of the model folder in another results root, without checkpoint_best.pth and `ignore` patterns."""
+    target = results / DATASET_NAME / (name or model.name)
+    shutil.copytree(model, target, ignore=shutil.ignore_patterns("checkpoint_best.pth", *ignore))
+    return target
+
+
+def read_prediction(folder: Path, case: str) -> tuple[np.ndarray, np.ndarray]:
+    segmentation = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{case}.nii.gz")))
+    return segmentation, np.load(folder / f"{case}.npz")["probabilities"]
+
+
+def float16_exact_region(model: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """Voxels whose Gaussian weight in nnU-Net's sliding window is at least 1e-3 of its maximum (float16 keeps
+    their precision); the synthetic cases are exactly one patch, so the weights are one Gaussian."""
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+
+    patch_size = json.loads((model / "plans.json").read_text())["configurations"]["3d_fullres"]["patch_size"]
+    assert tuple(patch_size) == shape
+    gaussian = compute_gaussian(tuple(patch_size), sigma_scale=1 / 8, value_scaling_factor=10,
+                                device=torch.device("cpu")).float().numpy()
+    return gaussian >= 1e-3 * gaussian.max()
+
+
+def validation_voxels(fold: Path, gt_folder: Path, scope: str):
+    """Per validation case: probabilities, labels and the scope mask, read independently of the plugin (the
+    synthetic dataset has no transpose and no ignore label)."""
+    assert json.loads((fold.parent / "plans.json").read_text())["transpose_forward"] == [0, 1, 2]
+    for npz in sorted((fold / "validation").glob("*.npz")):
+        properties = pickle.loads(npz.with_suffix(".pkl").read_bytes())
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(gt_folder / f"{npz.stem}.nii.gz"))).astype(np.int64)
+        mask = np.zeros(properties["shape_before_cropping"], dtype=bool)
+        mask[tuple(slice(low, high) for low, high in properties["bbox_used_for_cropping"])] = True
+        yield np.load(npz)["probabilities"], labels, mask & (labels != 0) if scope == "foreground" else mask
+
+
+def assert_record_matches_independent_fit(record: dict, fold: Path, gt_folder: Path, scope: str) -> None:
+    fit, before, after = TemperatureFit(), CalibrationStats(4), CalibrationStats(4)
+    cases = list(validation_voxels(fold, gt_folder, scope))
+    for probabilities, labels, mask in cases:
+        fit.update(probabilities, labels, mask)
+        before.update(probabilities, labels, mask)
+    assert record["temperature"] == pytest.approx(fit.fit(), rel=1e-9)
+    for probabilities, labels, mask in cases:
+        after.update(apply_temperature(probabilities, record["temperature"]), labels, mask)
+    assert (record["scope"], record["num_cases"], record["num_voxels"]) == (scope, len(cases), before.num_voxels)
+    for name in ("ece", "classwise_ece", "nll", "brier"):
+        assert record["before"][name] == pytest.approx(before.compute()[name], rel=1e-9)
+        assert record["after"][name] == pytest.approx(after.compute()[name], rel=1e-9)
+
+    def nll(factor: float) -> float:
+        stats = CalibrationStats(4)
+        for probabilities, labels, mask in cases:
+            stats.update(apply_temperature(probabilities, record["temperature"] * factor), labels, mask)
+        return stats.compute()["nll"]
+
+    assert nll(1.0) < min(nll(1.02), nll(1 / 1.02), record["before"]["nll"])
+
+
+def test_fit_temperature_minimises_the_validation_nll(env, trained, fitted, capsys):
+    gt_folder = env.preprocessed / "gt_segmentations"
+    assert_record_matches_independent_fit(fitted, trained / "fold_0", gt_folder, "foreground")
+    assert json.loads((trained / "fold_0" / "temperature.json").read_text()) == fitted
+
+    assert run_cli(add_fit_temperature_parser, "fit-temperature", str(trained), "-f", "0") == 0
+    table = capsys.readouterr().out
+    assert f"| fold_0 | foreground | {fitted['temperature']:.4f} |" in table
+    assert f"{fitted['before']['nll']:.4f} -> {fitted['after']['nll']:.4f}" in table
+
+
+def test_fit_temperature_runs_nnunet_validation_when_probabilities_are_missing(env, trained, tmp_path, monkeypatch,
+                                                                               capsys):
+    model = copy_model(trained, tmp_path, ignore=("*.npz", "temperature.json"))
+    commands = []
+
+    def nnunet_validation(command, **kwargs):
+        """Stands in for nnUNetv2_train --val --npz: writes the probabilities the real one wrote in training."""
+        commands.append(command)
+        for npz in (trained / "fold_0" / "validation").glob("*.npz"):
+            shutil.copy(npz, model / "fold_0" / "validation")
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(temperature.subprocess, "run", nnunet_validation)
+    with pytest.raises(RuntimeError, match="nnUNet_results"):
+        fit_model_temperatures(model)
+    assert not commands
+
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    record = fit_model_temperatures(model, scope="crop", num_processes=2)["fold_0"]
+    (command,) = commands
+    assert Path(command[0]).name == "nnUNetv2_train"
+    assert command[1:] == [DATASET_NAME, "3d_fullres", "0", "-tr", TRAINER, "-p", "nnUNetPlans", "--val", "--npz",
+                           "-device", "cpu"]
+    assert "no validation probabilities (.npz); running nnU-Net's validation" in capsys.readouterr().out
+    assert_record_matches_independent_fit(record, model / "fold_0", env.preprocessed / "gt_segmentations", "crop")
+
+
+def test_export_with_temperature_reproduces_the_tempered_plugin_prediction(env, trained, images, plugin_prediction,
+                                                                           tmp_path):
+    model = copy_model(trained, tmp_path / "source")
+    (model / "fold_0" / "temperature.json").write_text(json.dumps({"temperature": 0.5}))
+    source = tree_digest(model)
+    out = tmp_path / "portable"
+    assert run_cli(add_export_portable_parser, "export-portable", str(model), str(out), "--temperature") == 0
+    assert tree_digest(model) == source
+    assert not (out / DATASET_NAME / PORTABLE / "fold_0" / "checkpoint_best.pth").exists()
+
+    prediction = tmp_path / "prediction"
+    run_plain_nnunet(env, "nnUNetv2_predict", "-i", str(images), "-o", str(prediction), "-d", str(DATASET_ID),
+                     "-c", "3d_fullres", "-f", "0", "-tr", "nnUNetTrainer", *PREDICT_FLAGS, nnUNet_results=str(out))
+    case = next(plugin_prediction.glob("*.npz")).stem
+    plugin_segmentation, plugin_probabilities = read_prediction(plugin_prediction, case)
+    segmentation, probabilities = read_prediction(prediction, case)
+    exact = float16_exact_region(model, segmentation.shape)
+    tempered = apply_temperature(plugin_probabilities.astype(np.float64), 0.5)
+    np.testing.assert_allclose(probabilities[:, exact], tempered[:, exact], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(segmentation[exact], plugin_segmentation[exact])
+    assert np.mean(segmentation != plugin_segmentation) < 0.01
+    assert np.abs(probabilities - plugin_probabilities)[:, exact].max() > 0.01  # the temperature changed them
+
+    archive = tmp_path / "model.zip"
+    run_plain_nnunet(env, "nnUNetv2_export_model_to_zip", "-d", str(DATASET_ID), "-c", "3d_fullres", "-f", "0",
+                     "-tr", "nnUNetTrainer", "-o", str(archive), nnUNet_results=str(out))
+    assert f"{DATASET_NAME}/{PORTABLE}/fold_0/checkpoint_final.pth" in zipfile.ZipFile(archive).namelist()
+
+
+def test_export_without_temperature_reproduces_the_plugin_prediction(env, trained, images, plugin_prediction,
+                                                                     tmp_path):
+    source = tree_digest(trained)
+    exported = export_portable(trained, tmp_path / "portable")
+    assert tree_digest(trained) == source
+    assert exported == tmp_path / "portable" / DATASET_NAME / PORTABLE
+    for name in ("checkpoint_final.pth", "checkpoint_best.pth"):
+        original = torch.load(trained / "fold_0" / name, weights_only=False)
+        copy = torch.load(exported / "fold_0" / name, weights_only=False)
+        assert (original["trainer_name"], copy["trainer_name"]) == (TRAINER, "nnUNetTrainer")
+        assert all(torch.equal(copy["network_weights"][key], value)
+                   for key, value in original["network_weights"].items())
+    info = json.loads((exported / "export_info.json").read_text())
+    assert (info["source_trainers"], info["temperatures_folded_in"]) == ([TRAINER], {})
+
+    prediction = tmp_path / "prediction"
+    run_plain_nnunet(env, "nnUNetv2_predict", "-i", str(images), "-o", str(prediction), "-d", str(DATASET_ID),
+                     "-c", "3d_fullres", "-f", "0", "-tr", "nnUNetTrainer", *PREDICT_FLAGS,
+                     nnUNet_results=str(tmp_path / "portable"))
+    case = next(plugin_prediction.glob("*.npz")).stem
+    for portable_output, plugin_output in zip(read_prediction(prediction, case),
+                                              read_prediction(plugin_prediction, case)):
+        np.testing.assert_array_equal(portable_output, plugin_output)
+
+
+def test_export_folds_the_fitted_temperature_into_the_final_layer(trained, fitted, tmp_path):
+    source = tree_digest(trained)
+    exported = export_portable(trained, tmp_path, temperature=True, folds=["0"])
+    assert tree_digest(trained) == source
+    original = torch.load(trained / "fold_0" / "checkpoint_final.pth", weights_only=False)["network_weights"]
+    scaled = torch.load(exported / "fold_0" / "checkpoint_final.pth", weights_only=False)["network_weights"]
+    assert original.keys() == scaled.keys() and f"{FINAL_LAYER}weight" in scaled
+    for key, value in original.items():
+        expected = value / fitted["temperature"] if key.startswith(FINAL_LAYER) else value
+        torch.testing.assert_close(scaled[key], expected, rtol=1e-6, atol=0)
+    info = json.loads((exported / "export_info.json").read_text())
+    assert info["temperatures_folded_in"] == {"fold_0": fitted["temperature"]}
+
+
+OWN_NETWORK_TRAINER = '''
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+
+class nnUNetTrainerOwnNetwork_test(nnUNetTrainer):
+    @staticmethod
+    def build_network_architecture(*args, **kwargs):
+        return nnUNetTrainer.build_network_architecture(*args, **kwargs)
+'''
+
+
+def rename_trainer_in_checkpoint(model: Path, trainer_name: str, drop_weight: str | None = None) -> None:
+    path = model / "fold_0" / "checkpoint_final.pth"
+    checkpoint = torch.load(path, weights_only=False)
+    checkpoint["trainer_name"] = trainer_name
+    if drop_weight is not None:
+        del checkpoint["network_weights"][drop_weight]
+    torch.save(checkpoint, path)
+
+
+@pytest.mark.parametrize("trainer_name, drop_weight, error, message", [
+    ("nnUNetTrainerOwnNetwork_test", None, ValueError,
+     "nnUNetTrainerOwnNetwork_test overrides build_network_architecture"),
+    ("nnUNetTrainerMissing_test", None, RuntimeError, "nnU-Net cannot find trainer nnUNetTrainerMissing_test"),
+    (TRAINER, f"{FINAL_LAYER}bias", ValueError, "the weights do not fit nnU-Net's own network"),
+])
+def test_export_refuses_models_plain_nnunet_may_not_rebuild(trained, tmp_path, monkeypatch, trainer_name,
+                                                            drop_weight, error, message):
+    extra_trainers = tmp_path / "ext_trainers"
+    extra_trainers.mkdir()
+    (extra_trainers / "own_network_trainers.py").write_text(OWN_NETWORK_TRAINER)
+    monkeypatch.setenv("nnUNet_extTrainer", str(extra_trainers), prepend=os.pathsep)
+    model = copy_model(trained, tmp_path / "source")
+    rename_trainer_in_checkpoint(model, trainer_name, drop_weight)
+    with pytest.raises(error, match=message):
+        export_portable(model, tmp_path / "portable")
+    assert not list((tmp_path / "portable").rglob("*.pth"))
+
+
+def test_export_with_temperature_needs_fitted_temperatures(trained, tmp_path):
+    model = copy_model(trained, tmp_path, ignore=("temperature.json",))
+    with pytest.raises(FileNotFoundError, match="run nnunet-margin fit-temperature .* -f 0 first"):
+        export_portable(model, tmp_path / "portable", temperature=True)
+
+
+def test_export_refuses_to_overwrite_the_model_itself(trained, tmp_path):
+    model = copy_model(trained, tmp_path, name=PORTABLE)
+    with pytest.raises(ValueError, match="would overwrite the model itself"):
+        export_portable(model, tmp_path)
