@@ -4,6 +4,7 @@ Trains nnU-Net's own trainer for one tiny epoch on a synthetic dataset, copies t
 nnUNetTrainerWithCalibration (same network, nnU-Net's default loss, plus the calibration hook), then runs
 `nnUNetv2_train ... --val` for both and compares the validation time taken from nnU-Net's log timestamps
 (first "predicting" line to the last line of the validation), so process start-up is not counted.
+Takes about 10 minutes on 2 CPU cores with the defaults; measured here: +2.1 % (6 cases of 96^3, CPU).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+): (.*)$")
 
 
 def run(env: dict, *command: str) -> None:
-    subprocess.run([str(BIN / command[0]), *command[1:]], env=env, check=True, capture_output=True)
+    result = subprocess.run([str(BIN / command[0]), *command[1:]], env=env, capture_output=True, text=True)
+    if result.returncode:
+        raise SystemExit(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
 
 
 def validation_seconds(fold: Path) -> float:
@@ -50,10 +53,11 @@ def main() -> None:
         raw = write_synthetic_dataset(root / "raw", dataset_id=986, name="ValidationBench", num_training=args.cases,
                                       num_test=0, shape=(args.size,) * 3)
         env = {**os.environ, "nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "pre"),
-               "nnUNet_results": str(root / "results"), "nnUNet_def_n_proc": "2", "nnUNet_n_proc_DA": "0",
+               "nnUNet_results": str(root / "results"), "nnUNet_def_n_proc": "2",
                "NNUNET_MARGIN_DEMO_ITERATIONS": "1",
                "nnUNet_extTrainer": os.pathsep.join([str(trainers_path()), str(REPO / "demo" / "trainers")])}
         run(env, "nnUNetv2_plan_and_preprocess", "-d", "986", "-c", "3d_fullres", "-np", "2", "-npfp", "2")
+        env["nnUNet_n_proc_DA"] = "0"  # training only: plan_and_preprocess crashes with it
         run(env, "nnUNetv2_train", "986", "3d_fullres", "all", "-tr", BASELINE, "-device", "cpu")
         results = root / "results" / raw.name
         shutil.copytree(results / f"{BASELINE}__nnUNetPlans__3d_fullres",
