@@ -353,3 +353,21 @@ def test_alpha_schedule(schedule, factor, epochs, expected):
 def test_mbls_constructor_checks(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MbLSLoss(**kwargs)
+
+
+@pytest.mark.parametrize("make_loss", [lambda: MarginCalibrationLoss(*reference_offsets()), lambda: MbLSLoss(2.0, 0.3)],
+                         ids=["mc", "mbls"])
+def test_reduced_precision_logits_under_autocast_are_upcast(make_loss):
+    """As in nnU-Net's train_step under autocast (bfloat16 on the CPU here, float16 on CUDA)."""
+    torch.manual_seed(0)
+    network = torch.nn.Conv3d(2, 4, kernel_size=1)
+    image = torch.randn(2, 2, 4, 4, 4) * 3
+    target = torch.randint(0, 4, (2, 1, 4, 4, 4), dtype=torch.int16)
+    loss_fn = make_loss()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = network(image)
+        loss = loss_fn(logits, target)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(loss_fn(logits.detach().float(), target).item(), rel=1e-6)
+    loss.backward()
+    assert torch.isfinite(network.weight.grad).all() and network.weight.grad.abs().sum() > 0

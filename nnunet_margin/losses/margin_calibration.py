@@ -198,8 +198,11 @@ class MarginCalibrationLoss(nn.Module):
             slope, true_weight, scale_out = 1.0, float(num_classes), 1.0 / (flat.num_valid * num_classes)
         else:
             slope, true_weight, scale_out = math.log(2.0), 1.0, 1.0 / (flat.num_valid * math.log(2.0))
-        loss = _MarginCalibrationFunction.apply(flat.logits, flat.target, flat.valid,
-                                                self.rho_k0.to(flat.logits.dtype), self.rho_0k.to(flat.logits.dtype), slope, true_weight, scale_out)
+        # nnU-Net never moves its loss to the GPU, so the offsets follow the logits here
+        rho_k0, rho_0k = (rho.to(device=flat.logits.device, dtype=flat.logits.dtype)
+                          for rho in (self.rho_k0, self.rho_0k))
+        loss = _MarginCalibrationFunction.apply(flat.logits, flat.target, flat.valid, rho_k0, rho_0k, slope,
+                                                true_weight, scale_out)
         check_finite(loss, logits, type(self).__name__)
         return loss
 
