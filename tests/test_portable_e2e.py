@@ -165,7 +165,10 @@ def assert_record_matches_independent_fit(record: dict, fold: Path, gt_folder: P
             stats.update(apply_temperature(probabilities, record["temperature"] * factor), labels, mask)
         return stats.compute()["nll"]
 
-    assert nll(1.0) < min(nll(1.02), nll(1 / 1.02), record["before"]["nll"])
+    assert nll(1.0) < min(nll(1 / 1.02), record["before"]["nll"])
+    # a 2-iteration model can be worse than uniform in the crop scope: then the NLL falls up to the bound T = 100
+    if record["temperature"] < 100.0:
+        assert nll(1.0) < nll(1.02)
 
 
 def test_fit_temperature_minimises_the_validation_nll(env, trained, fitted, capsys):
