@@ -16,9 +16,9 @@ import torch
 
 ArrayLike = torch.Tensor | np.ndarray
 
-# Probability entries (voxels x classes) processed at once; the temporaries take ~32 bytes per entry (~128 MiB).
-# Fewer, larger chunks also keep multi-threaded ops efficient on a busy machine.
-_CHUNK_ENTRIES = 2**22
+# Probability entries (voxels x classes) processed at once; the temporaries take ~32 bytes per entry (~32 MiB).
+# Measured on 2 quiet cores, 2**20 was fastest: larger chunks pay for fresh memory pages on every chunk.
+_CHUNK_ENTRIES = 2**20
 
 
 @dataclass(frozen=True)
@@ -66,23 +66,36 @@ def _binned_sum(index: torch.Tensor, size: int, weights: torch.Tensor | None = N
     return torch.zeros(size, dtype=weights.dtype, device=index.device).scatter_add_(0, index, weights)
 
 
+def _flat_bin_index(values: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """Index row * n_bins + b of every entry of values (rows, V): bin b holds edges[b] < x <= edges[b + 1] with the
+    edges b / n_bins rounded to the values' dtype; 0 (and below) falls in bin 0, 1 (and above, NaN) in the last.
+
+    Arithmetic instead of torch.bucketize, which is about twice as slow on the CPU: ceil(x * n_bins) is off by at
+    most one next to an edge, and one comparison with each of the bin's rounded edges corrects it.
+    """
+    candidate = (values * n_bins).ceil_().clamp_(1, n_bins).nan_to_num_(nan=float(n_bins))  # bin + 1
+    step_down = values <= (candidate - 1).div_(n_bins)
+    step_up = values > candidate / n_bins
+    candidate += step_up
+    candidate.sub_(step_down.to(values.dtype))
+    candidate.clamp_(1, n_bins).sub_(1)
+    candidate += torch.arange(0, values.shape[0] * n_bins, n_bins, dtype=values.dtype, device=values.device)[:, None]
+    return candidate.long()
+
+
 def _chunk_state(probabilities: torch.Tensor, labels: torch.Tensor, n_bins: int) -> dict[str, torch.Tensor]:
     """State sums of one chunk: probabilities (K, V) float32/float64 contiguous, labels (V,) int64 in [0, K)."""
     num_classes = probabilities.shape[0]
-    # Inner edges b / n_bins in the probabilities' dtype; bucketize(right=False) then gives bin b for
-    # edges[b] < x <= edges[b + 1], 0 (and anything below) in bin 0, 1 (and NaN, inf) in the last bin.
-    inner_edges = (torch.arange(1, n_bins, dtype=torch.float64) / n_bins).to(probabilities)
     labels_row = labels[None]
 
-    confidence, prediction = probabilities.max(dim=0)
-    top_bin = torch.bucketize(confidence, inner_edges)
-    # Top-label count and correct count from one binned count of 2 * bin + correct.
-    top_bin_correct = _binned_sum(2 * top_bin + (prediction == labels), 2 * n_bins).view(n_bins, 2)
     # Classwise bins as one flat index k * n_bins + b, so one binned sum covers all classes.
-    class_bin = torch.bucketize(probabilities, inner_edges)
-    class_bin += torch.arange(0, num_classes * n_bins, n_bins, device=class_bin.device)[:, None]
+    class_bin = _flat_bin_index(probabilities, n_bins)
     flat_class_bin = class_bin.view(-1)
     num_entries = num_classes * n_bins
+    confidence, prediction = probabilities.max(dim=0)
+    top_bin = class_bin.gather(0, prediction[None])[0] - prediction * n_bins  # the predicted class's bin
+    # Top-label count and correct count from one binned count of 2 * bin + correct.
+    top_bin_correct = _binned_sum(2 * top_bin + (prediction == labels), 2 * n_bins).view(n_bins, 2)
 
     probabilities64 = probabilities.to(torch.float64)  # sums are taken in the weights' dtype
     true_probability = probabilities64.gather(0, labels_row)[0]
