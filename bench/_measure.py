@@ -8,64 +8,49 @@ from typing import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
-class PeakMemory(TorchDispatchMode):
-    """Peak bytes of tensor storage allocated by the ops run inside the block (inputs made before it excluded).
-
-    Counts every op output's storage once while any tensor viewing it is alive; works the same on CPU and GPU.
-    """
+class LiveTensorBytes(TorchDispatchMode):
+    """Track the bytes of tensor storages created inside the mode; `peak` is the maximum that was alive at once."""
 
     def __init__(self):
         super().__init__()
-        self.live: dict[int, list] = {}  # data_ptr -> [nbytes, number of live tensors on it]
+        self.live: dict[int, list[int]] = {}  # storage address -> [bytes, live tensors using it]
         self.current = 0
         self.peak = 0
-        self._known_at_start: set[int] = set()
 
-    def _release(self, pointer: int) -> None:
-        entry = self.live.get(pointer)
-        if entry is None:
-            return
+    def _release(self, address: int) -> None:
+        entry = self.live[address]
         entry[1] -= 1
         if entry[1] == 0:
             self.current -= entry[0]
-            del self.live[pointer]
-
-    def _track(self, tensor: torch.Tensor) -> None:
-        storage = tensor.untyped_storage()
-        pointer = storage.data_ptr()
-        if pointer == 0 or pointer in self._known_at_start:
-            return
-        entry = self.live.get(pointer)
-        if entry is None:
-            entry = self.live[pointer] = [storage.nbytes(), 0]
-            self.current += entry[0]
-            self.peak = max(self.peak, self.current)
-        entry[1] += 1
-        weakref.finalize(tensor, self._release, pointer)
-
-    def watch_inputs(self, *tensors: torch.Tensor) -> None:
-        """Storages that exist before the block (the logits, the targets) are not counted."""
-        self._known_at_start.update(t.untyped_storage().data_ptr() for t in tensors)
+            del self.live[address]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for tensor in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(tensor, torch.Tensor):
-                self._track(tensor)
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for tensor in tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            address, size = storage.data_ptr(), storage.nbytes()
+            if size == 0 or (address in inputs and address not in self.live):
+                continue  # empty, or a view of / in-place result on memory that existed before
+            if address not in self.live:
+                self.live[address] = [size, 0]
+                self.current += size
+                self.peak = max(self.peak, self.current)
+            self.live[address][1] += 1
+            weakref.finalize(tensor, self._release, address)
         return out
 
 
-def peak_extra_bytes(step: Callable[[torch.Tensor, torch.Tensor], None], logits: torch.Tensor,
-                     target: torch.Tensor) -> int:
-    """Peak bytes that one forward+backward of `step` allocates beyond its inputs."""
-    leaf = logits.detach().clone().requires_grad_()
-    with PeakMemory() as meter:
-        meter.watch_inputs(leaf, target)
-        step(leaf, target)
-        del leaf
-    return meter.peak
+def peak_extra_bytes(function: Callable, *inputs) -> int:
+    """Peak bytes of tensor storage that `function(*inputs)` allocates beyond its inputs (CPU and GPU alike)."""
+    with LiveTensorBytes() as tracker:
+        function(*inputs)
+    return tracker.peak
 
 
 def median_seconds(step: Callable[[], None], repeats: int = 5, warmup: int = 1) -> float:

@@ -26,55 +26,22 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
-import weakref
+from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
-from nnunet_margin.calibration import CalibrationStats
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import peak_extra_bytes  # noqa: E402
+
+from nnunet_margin.calibration import CalibrationStats  # noqa: E402
 
 SIZE = 256
 NUM_CLASSES = 4
 N_BINS = 15
 METRICS = ("ece", "mce", "classwise_ece", "brier", "nll")
 REPEATS = 3
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Track the bytes of tensor storages created inside the mode; `peak` is the maximum that was alive at once."""
-
-    def __init__(self):
-        super().__init__()
-        self.live: dict[int, list[int]] = {}  # storage address -> [bytes, live tensors using it]
-        self.current = 0
-        self.peak = 0
-
-    def _release(self, address: int) -> None:
-        entry = self.live[address]
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.current -= entry[0]
-            del self.live[address]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for tensor in tree_leaves(out):
-            if not isinstance(tensor, torch.Tensor):
-                continue
-            storage = tensor.untyped_storage()
-            address, size = storage.data_ptr(), storage.nbytes()
-            if size == 0 or (address in inputs and address not in self.live):
-                continue  # empty, or a view of / in-place result on memory that existed before
-            if address not in self.live:
-                self.live[address] = [size, 0]
-                self.current += size
-                self.peak = max(self.peak, self.current)
-            self.live[address][1] += 1
-            weakref.finalize(tensor, self._release, address)
-        return out
 
 
 def make_volume(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,12 +98,6 @@ def best_time(functions, inputs, repeats: int) -> list[float]:
     return best
 
 
-def peak_extra_bytes(function, inputs) -> int:
-    with LiveTensorBytes() as tracker:
-        function(*inputs)
-    return tracker.peak
-
-
 def float32_bin_sum_error(probabilities: torch.Tensor) -> str:
     """Summed confidence of the fullest top-label bin in float32 scatter_add (as torchmetrics does) vs float64."""
     confidence = probabilities[0].max(dim=0).values.reshape(-1)
@@ -159,7 +120,7 @@ def main() -> None:
     inputs = make_volume()
     ours_values, tm_values = ours(*inputs), with_torchmetrics(*inputs)
     ours_seconds, tm_seconds = best_time((ours, with_torchmetrics), inputs, repeats=REPEATS)
-    ours_peak, tm_peak = peak_extra_bytes(ours, inputs), peak_extra_bytes(with_torchmetrics, inputs)
+    ours_peak, tm_peak = peak_extra_bytes(ours, *inputs), peak_extra_bytes(with_torchmetrics, *inputs)
 
     print(f"\n{'':24}{f'best of {REPEATS} (s)':>14}{'peak extra MiB':>16}")
     print(f"{'CalibrationStats':24}{ours_seconds:>14.2f}{ours_peak / 2**20:>16.1f}")

@@ -72,7 +72,7 @@ def main() -> None:
                 loss(leaf, t).backward()
 
             seconds = median_seconds(timed, repeats=args.repeats)
-            peak = peak_extra_bytes(step, logits, target_for) / logits_bytes
+            peak = peak_extra_bytes(step, logits.clone().requires_grad_(), target_for) / logits_bytes
             if baseline is None:
                 baseline = (seconds, peak)
             print(f"{name:28s} {seconds * 1e3:11.1f} {seconds / baseline[0]:10.2f} {peak:14.2f} "
