@@ -20,6 +20,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/python bench/bench_losses.py
 	$(VENV)/bin/python bench/bench_calibration.py
+	$(VENV)/bin/python bench/bench_validation.py
 
 clean:
 	rm -rf $(VENV) demo_output build dist *.egg-info
