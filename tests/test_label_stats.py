@@ -160,3 +160,34 @@ def test_label_stats_command(nnunet_env):
     assert float(rows["rare_spot"][4]) > float(rows["lesion"][4]) > float(rows["organ"][4])
     failed = nnunet_env.run("nnunet-margin", "label-stats", "987", "-f", "9", check=False)
     assert failed.returncode == 2 and "fold '9' is not among" in failed.stderr
+
+
+def _shared_record_worker(rank: int, store: str, output: str) -> None:
+    """One DDP rank (gloo on the CPU): only rank 0 computes the fold record, the others receive it."""
+    import torch.distributed as dist
+
+    from nnunet_margin.nnunet import margin_record
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    computed = []
+
+    def compute(trainer, **kwargs):
+        computed.append(rank)
+        return {"rho_0k": [1.0, 2.0], "computed_on": rank, **kwargs}
+
+    margin_record.compute_fold_record = compute
+    trainer = type("Trainer", (), {"local_rank": rank, "is_ddp": True})()
+    record = margin_record.shared_fold_record(trainer, tau=5.0)
+    with open(f"{output}.{rank}", "w") as handle:
+        json.dump({"record": record, "computed": computed}, handle)
+    dist.destroy_process_group()
+
+
+def test_fold_record_is_computed_on_rank_0_and_broadcast(tmp_path):
+    import torch.multiprocessing
+
+    output = str(tmp_path / "rank")
+    torch.multiprocessing.spawn(_shared_record_worker, args=(str(tmp_path / "store"), output), nprocs=2)
+    results = [json.loads(open(f"{output}.{rank}").read()) for rank in (0, 1)]
+    assert results[0]["computed"] == [0] and results[1]["computed"] == []
+    assert results[0]["record"] == results[1]["record"] == {"rho_0k": [1.0, 2.0], "computed_on": 0, "tau": 5.0}
