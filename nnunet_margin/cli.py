@@ -41,7 +41,9 @@ def _doctor_command(args: argparse.Namespace) -> int:
            "pip install 'nnunetv2>=2.8,<2.9'")
     for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         value = os.environ.get(variable)
-        report(bool(value) and Path(value).is_dir(), f"{variable}={value or '(not set)'}",
+        created_later = variable == "nnUNet_results" and bool(value) and not Path(value).exists()
+        report(bool(value) and (Path(value).is_dir() or created_later),
+               f"{variable}={value or '(not set)'}" + (" (nnU-Net creates it when training)" if created_later else ""),
                f"export {variable}=/path/to/an/existing/folder (see nnU-Net's setting_up_paths.md)")
     expected = trainers_path()
     folders = [Path(p).resolve() for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p.strip()]
