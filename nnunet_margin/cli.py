@@ -33,9 +33,13 @@ def _doctor_command(args: argparse.Namespace) -> int:
         problems += not ok
         print(f"[{'ok' if ok else 'FAIL'}] {message}" + ("" if ok or not fix else f"\n       fix: {fix}"))
 
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    nnunet_version = version("nnunetv2")
+    try:
+        nnunet_version = version("nnunetv2")
+    except PackageNotFoundError:
+        report(False, "nnunetv2 is not installed", "pip install 'nnunetv2>=2.8,<2.9'")
+        return 1
     major_minor = tuple(int(part) for part in nnunet_version.split(".")[:2])
     report(major_minor == (2, 8), f"nnunetv2 {nnunet_version} (nnunet-margin {__version__} needs 2.8.x)",
            "pip install 'nnunetv2>=2.8,<2.9'")

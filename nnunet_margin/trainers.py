@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from ._atomic import atomic_path
 from .losses import MarginCalibrationLoss, MbLSLoss
 from .nnunet.loss_assembly import assemble_loss
 from .nnunet.margin_record import (add_record_to_checkpoint, read_record, record_from_checkpoint, shared_fold_record,
@@ -21,7 +22,8 @@ from .nnunet.validation import measuring_calibration, write_validation_report
 class nnUNetTrainerWithCalibration(nnUNetTrainer):
     """nnU-Net's default trainer plus calibration metrics in the final validation (the baseline for comparisons).
 
-    Writes validation/calibration.json and validation/reliability.png, and logs each loss term's per-epoch mean.
+    Writes validation/calibration.json and validation/reliability.png; for losses of several terms, it logs each
+    term's per-epoch mean and share.
     """
 
     def _reject_regions(self) -> None:
@@ -69,11 +71,13 @@ class nnUNetTrainerWithCalibration(nnUNetTrainer):
             super().perform_actual_validation(save_probabilities)
         if self.local_rank == 0:
             report = write_validation_report(self, scratch)
-            foreground = report["summary"]["foreground"]["pooled"]
-            self.print_to_log_file(
-                f"Calibration (foreground, pooled over cases): ECE {foreground['ece']:.4f}, classwise ECE "
-                f"{foreground['classwise_ece']:.4f}, Brier {foreground['brier']:.4f}, NLL {foreground['nll']:.4f}; "
-                f"see validation/calibration.json and validation/reliability.png", also_print_to_console=True)
+            foreground = report["summary"]["foreground"]["pooled"]  # None where no voxel was foreground
+            metrics = ", ".join(f"{label} {'n/a' if foreground[key] is None else f'{foreground[key]:.4f}'}"
+                                for label, key in (("ECE", "ece"), ("classwise ECE", "classwise_ece"),
+                                                   ("Brier", "brier"), ("NLL", "nll")))
+            self.print_to_log_file(f"Calibration (foreground, pooled over cases): {metrics}; see "
+                                   f"validation/calibration.json and validation/reliability.png",
+                                   also_print_to_console=True)
 
 
 class nnUNetTrainerMarginCalib(nnUNetTrainerWithCalibration):
@@ -113,18 +117,24 @@ class nnUNetTrainerMarginCalib(nnUNetTrainerWithCalibration):
                     self.margin_record["class_names"], self.margin_record["rho_0k"], self.margin_record["rho_k0"])))
 
     def save_checkpoint(self, filename: str) -> None:
-        super().save_checkpoint(filename)
-        if self.local_rank == 0 and not self.disable_checkpointing:
-            add_record_to_checkpoint(filename, self.margin_record)
+        if self.local_rank != 0 or self.disable_checkpointing:
+            super().save_checkpoint(filename)  # writes nothing here, but logs as nnU-Net does
+            return
+        with atomic_path(filename) as temporary:  # nnU-Net's write plus the record, replacing the old file at once
+            super().save_checkpoint(str(temporary))
+            add_record_to_checkpoint(str(temporary), self.margin_record)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
-        super().load_checkpoint(filename_or_checkpoint)
-        # nnU-Net 2.8 only loads checkpoints given as file names; older ones lack the record: use the fold's JSON
+        # Before nnU-Net's load_checkpoint, which initialises the trainer and so builds the loss: --c and --val
+        # then use the recorded offsets and never recount labels (the data or the split may have changed since).
+        # nnU-Net 2.8 only loads checkpoints given as file names; older ones lack the record: use the fold's JSON.
         recorded = record_from_checkpoint(filename_or_checkpoint) or read_record(self.output_folder)
-        if recorded is not None and recorded != self.margin_record:
-            self.print_to_log_file("Using the margin offsets recorded with the checkpoint (the label statistics "
-                                   "give different ones now).")
+        rebuild = self.was_initialized and recorded is not None and recorded != self.margin_record
+        if recorded is not None:
+            self.print_to_log_file("Using the margin offsets recorded with the checkpoint.")
             self.margin_record = recorded
+        super().load_checkpoint(filename_or_checkpoint)
+        if rebuild:
             self.loss = self._build_loss()
 
 
@@ -162,20 +172,22 @@ class nnUNetTrainerMbLS(nnUNetTrainerWithCalibration):
     """Margin-based Label Smoothing (Liu et al., CVPR 2022 / MedIA 2023): CE + alpha * ReLU(logit distance - margin).
 
     The per-epoch log shows the penalty's share of the loss. Set `mbls_schedule` ("add", "multiply", "step") with
-    `mbls_schedule_factor` in a subclass for the released code's alpha schedule (off by default).
+    `mbls_schedule_factor` (and `mbls_schedule_step_size` for "step") in a subclass for the released code's alpha
+    schedule (off by default).
     """
 
     mbls_margin: float = 10.0
     mbls_alpha: float = 0.1
     mbls_schedule: str | None = None
     mbls_schedule_factor: float = 0.0
+    mbls_schedule_step_size: int = 100
     mbls_max_alpha: float = 100.0
     dice_weight: float = 0.0
 
     def _build_loss(self):
         mbls = MbLSLoss(margin=self.mbls_margin, alpha=self.mbls_alpha, ignore_index=self.label_manager.ignore_label,
                         schedule=self.mbls_schedule, schedule_factor=self.mbls_schedule_factor,
-                        max_alpha=self.mbls_max_alpha)
+                        schedule_step_size=self.mbls_schedule_step_size, max_alpha=self.mbls_max_alpha)
         terms = {"mbls": (1.0, mbls)}
         if self.dice_weight:
             terms["dice"] = (self.dice_weight, None)

@@ -67,14 +67,16 @@ def test_margin_calibration_train_validate_resume_predict(nnunet_env, tmp_path):
     summary = json.loads((fold / "validation" / "summary.json").read_text())
     assert report["dice"]["foreground_mean"] == pytest.approx(summary["foreground_mean"]["Dice"])
 
-    # Change the split: fresh label statistics would now differ, but --val and --c keep the recorded offsets.
+    # Change the split so that fresh label statistics would differ (--c) or fail (--val: a training case without a
+    # preprocessed file): both keep the recorded offsets and never recount.
     splits_file = nnunet_env.preprocessed / "splits_final.json"
     original_splits = splits_file.read_text()
-    splits = json.loads(original_splits)
-    splits[0]["train"] = splits[0]["train"][:4]
     try:
-        splits_file.write_text(json.dumps(splits))
-        for extra in (["--val"], ["--c"]):
+        for extra, train_cases in ((["--val"], train_cases[:4] + ["case_not_preprocessed"]),
+                                   (["--c"], train_cases[:4])):
+            splits = json.loads(original_splits)
+            splits[0]["train"] = train_cases
+            splits_file.write_text(json.dumps(splits))
             result = nnunet_env.train(trainer, "0", *extra)
             assert "Using the margin offsets recorded with the checkpoint" in result.stdout
             assert json.loads((fold / "margin_offsets.json").read_text()) == record

@@ -18,7 +18,7 @@ IDENTIFIER = "nnUNetPlans_3d_fullres"
 
 
 @pytest.mark.parametrize("segmentation, labels, expected", [
-    (np.array([[-1, 0, 1], [2, 2, -1]]), LabelSpec(3), [3, 1, 2]),  # -1 (outside the crop) counts as background
+    (np.array([[-1, 0, 1], [2, 2, -1]]), LabelSpec(3), [3, 1, 2]),  # -1 (outside the nonzero mask): background
     (np.array([0, 1, 3, 3, 1]), LabelSpec(3, ignore_label=3), [1, 2, 0]),  # the ignore label is left out
     (np.zeros((2, 2, 2), dtype=np.int16), LabelSpec(4), [8, 0, 0, 0]),
 ])
@@ -146,8 +146,12 @@ def test_fold_training_cases(tmp_path):
     assert len(generated) == 8 and not (tmp_path / "splits_final.json").exists()
     (tmp_path / "splits_final.json").write_text(json.dumps([{"train": ["c1", "c2"], "val": ["c3"]}]))
     assert fold_training_cases(tmp_path, cases, "0") == ["c1", "c2"]
-    with pytest.raises(ValueError, match="fold '4' is not among the 1 folds"):
-        fold_training_cases(tmp_path, cases, "4")
+    # beyond the split file: nnU-Net's seeded 80:20 split (as in nnUNetTrainer.do_split)
+    rnd = np.random.RandomState(seed=12345 + 4)
+    expected = [cases[i] for i in rnd.choice(10, 8, replace=False)]  # the cases are already sorted
+    assert fold_training_cases(tmp_path, cases, "4") == expected
+    with pytest.raises(ValueError, match="fold must be a number or 'all'"):
+        fold_training_cases(tmp_path, cases, "x")
 
 
 def test_label_stats_command(nnunet_env):
@@ -158,8 +162,8 @@ def test_label_stats_command(nnunet_env):
     assert set(rows) == {"background", "organ", "lesion", "rare_spot"}
     # rarer classes get larger rho_0k
     assert float(rows["rare_spot"][4]) > float(rows["lesion"][4]) > float(rows["organ"][4])
-    failed = nnunet_env.run("nnunet-margin", "label-stats", "987", "-f", "9", check=False)
-    assert failed.returncode == 2 and "fold '9' is not among" in failed.stderr
+    failed = nnunet_env.run("nnunet-margin", "label-stats", "987", "-f", "one", check=False)
+    assert failed.returncode == 2 and "fold must be a number or 'all'" in failed.stderr
 
 
 def _shared_record_worker(rank: int, store: str, output: str) -> None:

@@ -212,11 +212,12 @@ def test_ignored_voxels_get_no_loss_and_no_gradient(make_loss):
 
 def test_all_voxels_ignored_gives_zero_loss_with_gradient():
     z, y = random_inputs((1, 4, 2, 2, 2))
-    leaf = z.clone().requires_grad_()
     for loss_fn in (MarginCalibrationLoss(*reference_offsets(), ignore_index=7), MbLSLoss(ignore_index=7)):
+        leaf = z.clone().requires_grad_()
         loss = loss_fn(leaf, torch.full_like(y, 7))
         assert loss.item() == 0.0
         loss.backward()
+        assert leaf.grad is not None and torch.all(leaf.grad == 0)
 
 
 @pytest.mark.parametrize("z_shape, y_shape, message", [
@@ -349,6 +350,9 @@ def test_alpha_schedule(schedule, factor, epochs, expected):
     ({"schedule": "cosine"}, "schedule"),
     ({"alpha": 1.0, "max_alpha": 0.5}, "max_alpha"),
     ({"schedule_step_size": 0}, "schedule_step_size"),
+    ({"schedule": "add"}, "needs a schedule_factor"),
+    ({"schedule": "multiply", "schedule_factor": 0.0}, "needs a schedule_factor"),
+    ({"schedule": "step", "schedule_factor": -2.0}, "needs a schedule_factor"),
 ])
 def test_mbls_constructor_checks(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -42,7 +42,7 @@ def flatten_inputs(logits: torch.Tensor, target: torch.Tensor, ignore_index: int
         valid = flat_target != ignore_index
         flat_target = flat_target.masked_fill(~valid, 0)
     if flat_target.numel():
-        low, high = int(flat_target.min()), int(flat_target.max())
+        low, high = torch.stack(torch.aminmax(flat_target)).tolist()  # one device sync
         if low < 0 or high >= num_classes:
             ignored = "" if ignore_index is None else f" (ignore_index={ignore_index} excluded)"
             raise ValueError(f"target holds label {low if low < 0 else high}{ignored}, outside [0, {num_classes}) "
@@ -64,7 +64,3 @@ def check_finite(loss: torch.Tensor, logits: torch.Tensor, name: str) -> None:
     raise FloatingPointError(f"{name}: the loss is {float(loss)} although the logits are finite; please report this "
                              f"with the logits' range ({float(logits.min())}, {float(logits.max())}).")
 
-
-def reduce_or_empty(total: torch.Tensor, count: int) -> torch.Tensor:
-    """total / count, or 0 (still differentiable) when no voxel counts."""
-    return total / count if count > 0 else total * 0.0

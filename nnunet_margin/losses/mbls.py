@@ -103,6 +103,9 @@ class MbLSLoss(nn.Module):
             raise ValueError(f"alpha must be >= 0, got {alpha}")
         if schedule is not None and schedule not in SCHEDULES:
             raise ValueError(f"schedule must be None or one of {SCHEDULES}, got {schedule!r}")
+        if schedule == "add" and schedule_factor == 0 or schedule in ("multiply", "step") and schedule_factor <= 0:
+            raise ValueError(f"schedule {schedule!r} needs a schedule_factor (the per-epoch increment for 'add', a "
+                             f"positive multiplier for 'multiply' and 'step'), got {schedule_factor}")
         if max_alpha < alpha:
             raise ValueError(f"max_alpha ({max_alpha}) must be >= alpha ({alpha})")
         if schedule_step_size < 1:

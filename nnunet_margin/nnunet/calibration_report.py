@@ -58,6 +58,36 @@ def crop_mask_from_properties(properties: dict, transpose_backward: list[int]) -
     return mask.transpose(transpose_backward)
 
 
+def crop_to_preprocessing_frame(segmentation: np.ndarray, properties: dict, transpose_forward: list[int]
+                                ) -> np.ndarray:
+    """The ground truth (exported orientation) in the frame of nnU-Net's resampled logits: transposed, then cropped."""
+    transposed = segmentation.transpose(transpose_forward)
+    cropped = transposed[tuple(slice(int(low), int(high)) for low, high in properties["bbox_used_for_cropping"])]
+    expected = tuple(int(size) for size in properties["shape_after_cropping_and_before_resampling"])
+    if cropped.shape != expected:
+        raise ValueError(f"the ground truth cropped to nnU-Net's box has shape {cropped.shape}, but the prediction "
+                         f"has {expected}: is gt_segmentations the one of this dataset?")
+    return cropped
+
+
+def evaluate_logits(logits: np.ndarray | torch.Tensor, segmentation_gt: np.ndarray, ignore_label: int | None = None,
+                    n_bins: int = 15, slab_entries: int = 2**22) -> dict[str, CalibrationStats]:
+    """`evaluate_case` from logits (K, *spatial) inside the crop box: softmax over slabs of the first spatial axis,
+    so the probabilities never exist in full (nnU-Net's own export holds only the logits)."""
+    logits = torch.as_tensor(logits)
+    labels = torch.as_tensor(segmentation_gt)
+    if tuple(logits.shape[1:]) != tuple(labels.shape):
+        raise ValueError(f"logits shape {tuple(logits.shape)} does not match segmentation shape {tuple(labels.shape)}")
+    stats = {scope: CalibrationStats(int(logits.shape[0]), n_bins) for scope in SCOPES}
+    slab = max(1, slab_entries // max(1, logits[:, 0].numel()))
+    for start in range(0, labels.shape[0], slab):
+        probabilities = torch.softmax(logits[:, start:start + slab].float(), dim=0)
+        labels_slab = labels[start:start + slab]
+        for scope, mask in scope_masks(labels_slab, None, ignore_label).items():
+            stats[scope].update(probabilities, labels_slab, mask=mask)
+    return stats
+
+
 def evaluate_case(probabilities: np.ndarray | torch.Tensor, segmentation_gt: np.ndarray | torch.Tensor,
                   crop_mask: np.ndarray | torch.Tensor | None = None, ignore_label: int | None = None,
                   n_bins: int = 15) -> dict[str, CalibrationStats]:

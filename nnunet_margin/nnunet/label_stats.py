@@ -2,8 +2,8 @@
 
 The cache lives in the preprocessed dataset folder (`nnunet_margin_label_counts_<data_identifier>.json`), records the
 size and modification time of every case's segmentation file, and is rebuilt for any case whose file changed. nnU-Net's
-own files are only read. Voxels outside the crop box (-1 in the preprocessed segmentation) count as background; the
-ignore label is excluded.
+own files are only read. The preprocessed arrays cover nnU-Net's crop box; voxels outside the nonzero mask (-1 there)
+count as background; the ignore label is excluded.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ import numpy as np
 from .._atomic import write_json_atomic
 
 CACHE_VERSION = 1
-SEG_FILE_SUFFIXES = ("_seg.b2nd", "_seg.npy", ".npz")  # blosc2 and numpy dataset variants of nnU-Net
+# Where nnU-Net's dataset variants keep a case's segmentation, canonical file first (blosc2; numpy: the .npz, which
+# training unpacks into _seg.npy; that copy must not make the cache look stale).
+SEG_FILE_SUFFIXES = ("_seg.b2nd", ".npz", "_seg.npy")
 
 
 @dataclass(frozen=True)
@@ -37,14 +39,15 @@ def cache_path(preprocessed_dataset_folder: str | os.PathLike, data_identifier: 
 
 
 def _fingerprint(configuration_folder: Path, case: str) -> list[int]:
-    """Size and mtime of the files holding a case's segmentation (changes when nnU-Net rewrites them)."""
-    stats = [(configuration_folder / (case + suffix)).stat() for suffix in SEG_FILE_SUFFIXES
-             if (configuration_folder / (case + suffix)).is_file()]
-    if not stats:
-        raise FileNotFoundError(f"no preprocessed segmentation for case {case!r} in {configuration_folder} "
-                                f"(looked for {', '.join(case + s for s in SEG_FILE_SUFFIXES)}); run "
-                                f"nnUNetv2_plan_and_preprocess (or nnUNetv2_preprocess) for this configuration")
-    return [value for st in stats for value in (st.st_size, st.st_mtime_ns)]
+    """Size and mtime of the file holding a case's segmentation (they change when nnU-Net rewrites it)."""
+    for suffix in SEG_FILE_SUFFIXES:
+        path = configuration_folder / (case + suffix)
+        if path.is_file():
+            stat = path.stat()
+            return [stat.st_size, stat.st_mtime_ns]
+    raise FileNotFoundError(f"no preprocessed segmentation for case {case!r} in {configuration_folder} "
+                            f"(looked for {', '.join(case + s for s in SEG_FILE_SUFFIXES)}); run "
+                            f"nnUNetv2_plan_and_preprocess (or nnUNetv2_preprocess) for this configuration")
 
 
 def count_labels(segmentation: np.ndarray, labels: LabelSpec, case: str = "?") -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .._atomic import atomic_path, write_json_atomic
@@ -111,10 +112,14 @@ def fold_training_cases(preprocessed_dataset_folder: Path, all_cases: list[str],
     splits_file = preprocessed_dataset_folder / "splits_final.json"
     splits = json.loads(splits_file.read_text()) if splits_file.is_file() else \
         generate_crossval_split(sorted(all_cases), seed=12345, n_splits=5)
-    if not fold.isdigit() or int(fold) >= len(splits):
-        raise ValueError(f"fold {fold!r} is not among the {len(splits)} folds of {splits_file}; use 0..{len(splits) - 1}"
-                         f" or 'all'")
-    return list(splits[int(fold)]["train"])
+    if not fold.isdigit():
+        raise ValueError(f"fold must be a number or 'all', got {fold!r}")
+    if int(fold) < len(splits):
+        return list(splits[int(fold)]["train"])
+    # nnU-Net's do_split for a fold beyond the split file: a seeded random 80:20 split
+    keys = np.sort(all_cases)
+    chosen = np.random.RandomState(seed=12345 + int(fold)).choice(len(keys), int(len(keys) * 0.8), replace=False)
+    return [str(keys[index]) for index in chosen]
 
 
 def label_stats_table(dataset: str, configuration: str, fold: str | None, plans_identifier: str, tau: float,
