@@ -6,6 +6,7 @@ import math
 import os
 from collections.abc import Sequence
 
+import matplotlib.style
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -44,14 +45,16 @@ def plot_reliability_diagram(stats: CalibrationStats, path: str | os.PathLike,
 
     columns = math.ceil(math.sqrt(len(panels)))  # a roughly square grid, also for K > 100
     rows = math.ceil(len(panels) / columns)
-    figure = Figure(figsize=(4 * columns, 4.2 * rows), layout="constrained")
-    figure.suptitle(f"{title}  ({metrics['num_voxels']} voxels)")
-    grid = figure.add_gridspec(2 * rows, columns, height_ratios=[3, 1] * rows)
-    for index, (bins, name, ece) in enumerate(panels):
-        row, column = divmod(index, columns)
-        ax = figure.add_subplot(grid[2 * row, column])
-        _draw_panel(ax, figure.add_subplot(grid[2 * row + 1, column], sharex=ax), bins, name, ece)
-        if index == 0:
-            ax.legend(loc="upper left", fontsize="small")
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=100)
+    # matplotlib's default style, whatever the process set globally (nnU-Net's progress plot sets seaborn's)
+    with matplotlib.style.context("default"):
+        figure = Figure(figsize=(4 * columns, 4.2 * rows), layout="constrained")
+        figure.suptitle(f"{title}  ({metrics['num_voxels']} voxels)")
+        grid = figure.add_gridspec(2 * rows, columns, height_ratios=[3, 1] * rows)
+        for index, (bins, name, ece) in enumerate(panels):
+            row, column = divmod(index, columns)
+            ax = figure.add_subplot(grid[2 * row, column])
+            _draw_panel(ax, figure.add_subplot(grid[2 * row + 1, column], sharex=ax), bins, name, ece)
+            if index == 0:
+                ax.legend(loc="upper left", fontsize="x-small")
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, dpi=100)
