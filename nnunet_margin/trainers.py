@@ -63,7 +63,7 @@ class nnUNetTrainerWithCalibration(nnUNetTrainer):
             logged.setdefault(key, [float("nan")] * self.current_epoch)
             self.logger.log(key, value, self.current_epoch)
         self.print_to_log_file("loss parts: " + ", ".join(
-            f"{name.split('/', 1)[1]} {value:.4f} ({100 * value / total:.1f}%)" if total else f"{name} {value:.4f}"
+            f"{name.removeprefix('loss_part/')} {value:.4f}" + (f" ({100 * value / total:.1f}%)" if total else "")
             for name, value in means.items()))
 
     def perform_actual_validation(self, save_probabilities: bool = False):
