@@ -58,6 +58,22 @@ def _as_tensor(array: ArrayLike, name: str) -> torch.Tensor:
     raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(array).__name__}")
 
 
+def check_voxel_arrays(probabilities: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """Dtypes and shapes of probabilities (K, *spatial), integer labels (*spatial) and an optional bool mask."""
+    if not probabilities.is_floating_point():
+        raise ValueError(f"probabilities must be floating point, got dtype {probabilities.dtype}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer array of class indices, got dtype {labels.dtype}")
+    if tuple(labels.shape) != tuple(probabilities.shape[1:]):
+        raise ValueError(f"labels shape {tuple(labels.shape)} does not match probabilities shape "
+                         f"{tuple(probabilities.shape)}: expected labels of shape {tuple(probabilities.shape[1:])}")
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool array, got dtype {mask.dtype}")
+        if tuple(mask.shape) != tuple(labels.shape):
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match labels shape {tuple(labels.shape)}")
+
+
 def _binned_sum(index: torch.Tensor, size: int, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Per-bin count (int64) or sum of float64 weights; like torch.bincount, but several times faster on CPU
     (scatter_add_ skips bincount's min/max passes over the index)."""
@@ -183,18 +199,7 @@ class CalibrationStats:
             raise ValueError(f"probabilities must have shape (K={self.num_classes}, *spatial), got "
                              f"{tuple(probabilities.shape)}; the accumulator was built for num_classes="
                              f"{self.num_classes}")
-        if not probabilities.is_floating_point():
-            raise ValueError(f"probabilities must be floating point, got dtype {probabilities.dtype}")
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise ValueError(f"labels must be an integer array of class indices, got dtype {labels.dtype}")
-        if tuple(labels.shape) != tuple(probabilities.shape[1:]):
-            raise ValueError(f"labels shape {tuple(labels.shape)} does not match probabilities shape "
-                             f"{tuple(probabilities.shape)}: expected labels of shape {tuple(probabilities.shape[1:])}")
-        if mask is not None:
-            if mask.dtype != torch.bool:
-                raise ValueError(f"mask must be a bool array, got dtype {mask.dtype}")
-            if tuple(mask.shape) != tuple(labels.shape):
-                raise ValueError(f"mask shape {tuple(mask.shape)} does not match labels shape {tuple(labels.shape)}")
+        check_voxel_arrays(probabilities, labels, mask)
 
     def _check_labels(self, labels: torch.Tensor) -> None:
         if labels.numel() == 0:

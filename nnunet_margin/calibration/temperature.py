@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import torch
 
-from .stats import ArrayLike
+from .stats import ArrayLike, check_voxel_arrays
 
 # Voxels whose log-probability differences are held (a uniform random sample beyond that): 2**22 voxels are 16 MiB
 # per class in float32, and bound the statistical error of T far below that of any validation set.
@@ -110,16 +110,8 @@ class TemperatureFit:
         if self.num_classes is not None and probabilities.shape[0] != self.num_classes:
             raise ValueError(f"probabilities have {probabilities.shape[0]} classes, earlier updates had "
                              f"{self.num_classes}")
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise ValueError(f"labels must be an integer array of class indices, got dtype {labels.dtype}")
-        if tuple(labels.shape) != tuple(probabilities.shape[1:]):
-            raise ValueError(f"labels shape {tuple(labels.shape)} does not match probabilities shape "
-                             f"{tuple(probabilities.shape)}: expected {tuple(probabilities.shape[1:])}")
-        if mask is not None:
-            mask = torch.as_tensor(mask)
-            if mask.dtype != torch.bool or mask.shape != labels.shape:
-                raise ValueError(f"mask must be a bool array of the labels' shape {tuple(labels.shape)}, got dtype "
-                                 f"{mask.dtype} and shape {tuple(mask.shape)}")
+        mask = None if mask is None else torch.as_tensor(mask)
+        check_voxel_arrays(probabilities, labels, mask)
         self.num_classes = int(probabilities.shape[0])
         return probabilities, labels, mask
 
