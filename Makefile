@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade "pip>=23" "setuptools>=68" wheel
+	$(VENV)/bin/pip install -q --upgrade "pip>=23" "setuptools>=77" wheel
 	$(VENV)/bin/pip install -q -e ".[test]"
 	touch $(STAMP)
 

@@ -1,4 +1,4 @@
-"""CalibrationStats and the functional metrics against METHODS.md 3, torchmetrics and plain numpy references."""
+"""CalibrationStats and the functional metrics against docs/methods.md 3, torchmetrics and plain numpy references."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ N_BINS = 15
 
 
 def methods_inputs() -> tuple[torch.Tensor, torch.Tensor]:
-    """METHODS.md 2/3: softmax(z) as probabilities (K=4, 54 voxels); the batch axis is treated as voxels."""
+    """docs/methods.md 2/3: softmax(z) as probabilities (K=4, 54 voxels); the batch axis is treated as voxels."""
     x = torch.arange(216).float()
     z = (torch.linspace(-3, 5, 216) * torch.cos(x)).reshape(2, 4, 3, 3, 3)
     y = (torch.arange(54) % 4).reshape(2, 1, 3, 3, 3)
@@ -44,7 +44,7 @@ def random_inputs(num_classes: int, num_voxels: int, scale: float, seed: int) ->
 
 
 def numpy_reference(probabilities: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS) -> dict:
-    """Independent float64 numpy implementation of METHODS.md 3 with bins (lower, upper] via np.digitize."""
+    """Independent float64 numpy implementation of docs/methods.md 3 with bins (lower, upper] via np.digitize."""
     p = np.asarray(probabilities, dtype=np.float64).reshape(probabilities.shape[0], -1)
     y = np.asarray(labels).reshape(-1).astype(np.int64)
     num_classes, num_voxels = p.shape
@@ -71,7 +71,7 @@ def test_package_does_not_import_nnunet():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
-# --- METHODS.md 3 reference values --------------------------------------------------------------------------------
+# --- docs/methods.md 3 reference values --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("scope, ece, classwise_ece", [
     ("all", 0.44823033, 0.30144531),
@@ -89,7 +89,7 @@ def test_methods_reference_values(scope, ece, classwise_ece):
 
 
 def test_nll_equals_methods_cross_entropy():
-    """METHODS.md 2: CE of z and y is 2.4961898, which is the NLL of softmax(z)."""
+    """docs/methods.md 2: CE of z and y is 2.4961898, which is the NLL of softmax(z)."""
     probabilities, labels = methods_inputs()
     assert negative_log_likelihood(probabilities, labels) == pytest.approx(2.4961898, abs=1e-6)
 

@@ -1,4 +1,4 @@
-"""The losses against METHODS.md reference values and independent (naive, autograd-differentiated) implementations."""
+"""The losses against docs/methods.md reference values and independent (naive, autograd-differentiated) implementations."""
 
 import math
 
@@ -38,7 +38,7 @@ def voxel_rows(z, y, ignore_index):
 
 
 def naive_margin_calibration(z, y, rho_k0, rho_0k, form="released", ignore_index=None):
-    """Straight from METHODS.md 1b/1c: per-class lambda by explicit max over the other classes."""
+    """Straight from docs/methods.md 1b/1c: per-class lambda by explicit max over the other classes."""
     num_classes = z.shape[1]
     logits, labels = voxel_rows(z, y, ignore_index)
     lam = torch.stack([logits[:, k] - torch.cat([logits[:, :k], logits[:, k + 1:]], 1).max(1).values

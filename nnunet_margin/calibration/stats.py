@@ -1,6 +1,6 @@
 """Streaming calibration statistics: ECE, MCE, classwise ECE, Brier score and NLL from per-bin sums.
 
-Definitions follow METHODS.md section 3. Confidences are binned into `n_bins` equal-width bins (lower, upper]
+Definitions follow docs/methods.md section 3. Confidences are binned into `n_bins` equal-width bins (lower, upper]
 whose edges are b / n_bins rounded to the probabilities' dtype; a confidence of exactly 0 falls into the first bin,
 exactly 1 into the last. Counts are int64 and probability sums float64, so a bin holding more than 2**24 voxels
 (one CT volume can do that) stays exact. Memory beyond the inputs is bounded by one chunk of voxels.

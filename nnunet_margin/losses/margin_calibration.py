@@ -2,7 +2,7 @@
 
 Reference: Z. Yu, W. Li, D. Xu, S. Gao, W. Luo, Y. Zhang. "Distribution-aware Margin Calibration for Semantic
 Segmentation in Images", IJCV 130, 2022 (and the AAAI 2021 paper for medical image segmentation).
-The formulas follow METHODS.md section 1; the released code's BCE form is the default.
+The formulas follow docs/methods.md section 1; the released code's BCE form is the default.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class MarginOffsets(NamedTuple):
 
 def margin_offsets(counts: Sequence[float] | torch.Tensor, tau: float = 10.0, upsilon: float = 1.0,
                    empty_classes: str = "error") -> MarginOffsets:
-    """Margin offsets from per-class voxel counts N_k, background included ("Algorithm 1", METHODS.md 1a).
+    """Margin offsets from per-class voxel counts N_k, background included ("Algorithm 1", docs/methods.md 1a).
 
         rho_0k = tau * sqrt(N - N_k) / N_k
         mu_k   = p_k * sqrt(N_k) / (upsilon * (N - N_k) - p_k * sqrt(N - N_k)),  p_k = N_k / N

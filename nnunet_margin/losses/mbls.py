@@ -2,7 +2,7 @@
 
 Reference: B. Liu, I. Ben Ayed, A. Galdran, J. Dolz. "The Devil is in the Margin: Margin-based Label Smoothing for
 Network Calibration", CVPR 2022; "Calibrating Segmentation Networks with Margin-based Label Smoothing", MedIA 2023.
-The formulas follow METHODS.md section 2.
+The formulas follow docs/methods.md section 2.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Calibration report of nnU-Net predictions: calibration.json + reliability.png beside nnU-Net's summary.json.
 
 Works on folders written by `nnUNetv2_predict --save_probabilities` and on validation folders written with
-`--npz` (CASE.npz with key `probabilities`, CASE.pkl with the properties). Metrics follow METHODS.md section 3 and
+`--npz` (CASE.npz with key `probabilities`, CASE.pkl with the properties). Metrics follow docs/methods.md section 3 and
 are reported in two scopes:
 
 * ``foreground``: voxels whose ground truth is not background (and not ignored), inside nnU-Net's crop box
