@@ -10,10 +10,11 @@ from __future__ import annotations
 import math
 from typing import NamedTuple, Sequence
 
+import numpy as np
 import torch
-from torch import nn
 
-from ._inputs import check_finite, flatten_inputs
+from ._inputs import FlatInputs, check_finite_number, chunk_voxels
+from .base import SegmentationLoss
 
 LOSS_FORMS = ("released", "paper")
 EMPTY_CLASS_RULES = ("error", "count_as_one")
@@ -45,32 +46,36 @@ def margin_offsets(counts: Sequence[float] | torch.Tensor, tau: float = 10.0, up
     `empty_classes` decides what a class with N_k = 0 does: "error" (default) raises `EmptyClassError`;
     "count_as_one" counts it as one voxel, i.e. gives it the largest margin any observed class could get.
     """
+    check_finite_number(tau=tau, upsilon=upsilon)
     if tau <= 0 or upsilon <= 0:
         raise ValueError(f"tau and upsilon must be positive, got tau={tau}, upsilon={upsilon}")
     if empty_classes not in EMPTY_CLASS_RULES:
         raise ValueError(f"empty_classes must be one of {EMPTY_CLASS_RULES}, got {empty_classes!r}")
-    n_k = torch.as_tensor(counts, dtype=torch.float64).flatten()
-    if n_k.numel() < 2:
-        raise ValueError(f"need counts for at least 2 classes (background included), got {n_k.numel()}")
-    if bool((n_k < 0).any()) or not bool(torch.isfinite(n_k).all()):
-        raise ValueError(f"voxel counts must be finite and non-negative, got {n_k.tolist()}")
-    empty = torch.nonzero(n_k == 0).flatten().tolist()
+    n_k = np.array(counts.detach().cpu().numpy() if isinstance(counts, torch.Tensor) else counts, dtype=np.float64)
+    if n_k.ndim != 1:
+        raise ValueError(f"counts must be one voxel count per class (a 1-D sequence), got shape {n_k.shape}")
+    if n_k.size < 2:
+        raise ValueError(f"need counts for at least 2 classes (background included), got {n_k.size}")
+    if not np.all(np.isfinite(n_k) & (n_k >= 0)):
+        raise ValueError(f"voxel counts must be finite and non-negative, got {[float(n) for n in n_k]}")
+    empty = [int(k) for k in np.flatnonzero(n_k == 0)]
     if empty:
         if empty_classes == "error":
             raise EmptyClassError(empty, f"class(es) {empty} have no voxels, so their margin offsets are undefined "
                                          f"(rho_0k = tau * sqrt(N - N_k) / N_k). Remove the label, use other "
                                          f"training cases, or opt into empty_classes='count_as_one'.")
-        n_k = n_k.clamp_min(1.0)
+        n_k = np.maximum(n_k, 1.0)
     total = n_k.sum()
     rest = total - n_k
-    rho_0k = tau * rest.sqrt() / n_k
+    rho_0k = tau * np.sqrt(rest) / n_k
     share = n_k / total
-    denominator = upsilon * rest - share * rest.sqrt()
-    if bool((denominator <= 0).any()):
-        raise ValueError(f"margin offsets are undefined for counts {n_k.tolist()} with upsilon={upsilon}: one class "
+    denominator = upsilon * rest - share * np.sqrt(rest)
+    if np.any(denominator <= 0):
+        raise ValueError(f"margin offsets are undefined for counts {[float(n) for n in n_k]} with upsilon={upsilon}: one class "
                          f"holds (almost) every voxel. Check the label statistics or increase upsilon.")
-    mu_k = share * n_k.sqrt() / denominator
-    return MarginOffsets(rho_k0=mu_k * rho_0k, rho_0k=rho_0k)
+    mu_k = share * np.sqrt(n_k) / denominator
+    rho_k0 = mu_k * rho_0k
+    return MarginOffsets(rho_k0=torch.from_numpy(rho_k0), rho_0k=torch.from_numpy(rho_0k))
 
 
 def _last_index_of(values: torch.Tensor, maximum: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -83,9 +88,9 @@ def _last_index_of(values: torch.Tensor, maximum: torch.Tensor, out: torch.Tenso
     return out.amax(1, keepdim=True).sub_(1).long().clamp_min_(0)  # clamp: NaN rows match nothing
 
 
-def _softplus_sum(values: torch.Tensor, chunk_voxels: int = 1 << 15) -> torch.Tensor:
+def _softplus_sum(values: torch.Tensor) -> torch.Tensor:
     """sum(softplus(values)) over chunks of voxels, so no second logits-sized buffer is needed."""
-    return sum(torch.nn.functional.softplus(chunk).sum() for chunk in values.split(chunk_voxels, dim=2))
+    return sum(torch.nn.functional.softplus(chunk).sum() for chunk in values.split(chunk_voxels(values), dim=2))
 
 
 class _MarginCalibrationFunction(torch.autograd.Function):
@@ -143,7 +148,7 @@ class _MarginCalibrationFunction(torch.autograd.Function):
         return grad.mul_(grad_output), None, None, None, None, None, None, None
 
 
-class MarginCalibrationLoss(nn.Module):
+class MarginCalibrationLoss(SegmentationLoss):
     """Distribution-aware Margin Calibration loss (Yu et al., AAAI 2021 / IJCV 2022).
 
     Args:
@@ -159,21 +164,21 @@ class MarginCalibrationLoss(nn.Module):
 
     def __init__(self, rho_k0: Sequence[float] | torch.Tensor, rho_0k: Sequence[float] | torch.Tensor,
                  form: str = "released", ignore_index: int | None = None):
-        super().__init__()
+        super().__init__(ignore_index)
         if form not in LOSS_FORMS:
             raise ValueError(f"form must be one of {LOSS_FORMS}, got {form!r}")
-        rho_k0 = torch.as_tensor(rho_k0, dtype=torch.float64).flatten()
-        rho_0k = torch.as_tensor(rho_0k, dtype=torch.float64).flatten()
-        if rho_k0.shape != rho_0k.shape or rho_k0.numel() < 2:
+        rho_k0, rho_0k = (np.array(rho.detach().cpu().numpy() if isinstance(rho, torch.Tensor) else rho,
+                                   dtype=np.float64)
+                          for rho in (rho_k0, rho_0k))
+        if rho_k0.ndim != 1 or rho_k0.shape != rho_0k.shape or rho_k0.size < 2:
             raise ValueError(f"rho_k0 and rho_0k must both have one entry per class (K >= 2), got "
-                             f"{tuple(rho_k0.shape)} and {tuple(rho_0k.shape)}")
-        if not (bool(torch.isfinite(rho_k0).all()) and bool(torch.isfinite(rho_0k).all())):
+                             f"{rho_k0.shape} and {rho_0k.shape}")
+        if not (np.isfinite(rho_k0).all() and np.isfinite(rho_0k).all()):
             raise ValueError("margin offsets must be finite; a class without voxels gives infinite offsets "
                              "(see margin_offsets(empty_classes=...))")
         self.form = form
-        self.ignore_index = ignore_index
-        self.register_buffer("rho_k0", rho_k0)
-        self.register_buffer("rho_0k", rho_0k)
+        self.register_buffer("rho_k0", torch.from_numpy(rho_k0))
+        self.register_buffer("rho_0k", torch.from_numpy(rho_0k))
 
     @classmethod
     def from_counts(cls, counts: Sequence[float] | torch.Tensor, tau: float = 10.0, upsilon: float = 1.0,
@@ -186,25 +191,24 @@ class MarginCalibrationLoss(nn.Module):
     def num_classes(self) -> int:
         return self.rho_0k.numel()
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def check_channels(self, logits: torch.Tensor) -> None:
         if logits.ndim >= 2 and logits.shape[1] != self.num_classes:
             raise ValueError(f"logits have {logits.shape[1]} channels but the margin offsets are for "
                              f"{self.num_classes} classes")
-        flat = flatten_inputs(logits, target, self.ignore_index)
+
+    def compute(self, flat: FlatInputs):
         num_classes = self.num_classes
-        if flat.num_valid == 0:
-            return logits.sum() * 0.0
+        divisor = flat.voxel_divisor()
         if self.form == "released":
-            slope, true_weight, scale_out = 1.0, float(num_classes), 1.0 / (flat.num_valid * num_classes)
+            slope, true_weight, scale_out = 1.0, float(num_classes), 1.0 / (divisor * num_classes)
         else:
-            slope, true_weight, scale_out = math.log(2.0), 1.0, 1.0 / (flat.num_valid * math.log(2.0))
+            slope, true_weight, scale_out = math.log(2.0), 1.0, 1.0 / (divisor * math.log(2.0))
         # nnU-Net never moves its loss to the GPU, so the offsets follow the logits here
         rho_k0, rho_0k = (rho.to(device=flat.logits.device, dtype=flat.logits.dtype)
                           for rho in (self.rho_k0, self.rho_0k))
         loss = _MarginCalibrationFunction.apply(flat.logits, flat.target, flat.valid, rho_k0, rho_0k, slope,
                                                 true_weight, scale_out)
-        check_finite(loss, logits, type(self).__name__)
-        return loss
+        return loss, {}
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, form={self.form!r}, ignore_index={self.ignore_index}"

@@ -7,22 +7,12 @@ The formulas follow docs/methods.md section 2.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
-from torch import nn
 
-from ._inputs import check_finite, flatten_inputs
+from ._inputs import FlatInputs, check_finite_number, chunk_voxels
+from .base import SegmentationLoss
 
 SCHEDULES = ("add", "multiply", "step")
-
-
-class MbLSParts(NamedTuple):
-    """The loss and its two terms (total = ce + alpha * penalty)."""
-
-    total: torch.Tensor
-    ce: torch.Tensor
-    penalty: torch.Tensor
 
 
 class _MbLSFunction(torch.autograd.Function):
@@ -33,13 +23,13 @@ class _MbLSFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target, valid, num_valid, margin, alpha, chunk_voxels=1 << 15):
+    def forward(ctx, logits, target, valid, divisor, margin, alpha):
         num_classes = logits.shape[1]
         buffer = torch.log_softmax(logits, dim=1)
         picked = buffer.gather(1, target)
         if valid is not None:
             picked = picked * valid
-        ce = -picked.sum() / num_valid
+        ce = -picked.sum() / divisor
 
         needs_grad = ctx.needs_input_grad[0]
         if needs_grad:
@@ -47,23 +37,24 @@ class _MbLSFunction(torch.autograd.Function):
             grad.scatter_add_(1, target, torch.full_like(picked, -1.0))
             if valid is not None:
                 grad.masked_fill_(~valid, 0.0)
-            grad /= num_valid
-        coefficient = alpha / (num_valid * num_classes)
+            grad /= divisor
+        coefficient = alpha / (divisor * num_classes)  # 0-d tensor: d penalty term / d excess
 
         best, winner = logits.max(dim=1, keepdim=True)
         penalty = logits.new_zeros(())
-        for start in range(0, logits.shape[2], chunk_voxels):
-            part = slice(start, start + chunk_voxels)
+        step = chunk_voxels(logits)
+        for start in range(0, logits.shape[2], step):
+            part = slice(start, start + step)
             excess = (best[:, :, part] - margin) - logits[:, :, part]  # max(z) - z - m
             excess.clamp_min_(0.0)
             if valid is not None:
                 excess.masked_fill_(~valid[:, :, part], 0.0)
             penalty += excess.sum()
             if needs_grad:
-                active = excess.gt_(0.0)  # 1.0 where the penalty acts: -1 at k, +1 at the winner
-                grad[:, :, part].add_(active, alpha=-coefficient)
-                grad[:, :, part].scatter_add_(1, winner[:, :, part], active.sum(1, keepdim=True) * coefficient)
-        penalty /= num_valid * num_classes
+                active = excess.gt_(0.0).mul_(coefficient)  # the penalty's slope: -1 at k, +1 at the winner
+                grad[:, :, part].sub_(active)
+                grad[:, :, part].scatter_add_(1, winner[:, :, part], active.sum(1, keepdim=True))
+        penalty /= divisor * num_classes
         total = ce + alpha * penalty
 
         if needs_grad:
@@ -79,15 +70,14 @@ class _MbLSFunction(torch.autograd.Function):
             raise RuntimeError("MbLSLoss supports a single backward pass per forward (no retain_graph)")
         ctx.grad_used = True
         (grad,) = ctx.saved_tensors
-        return grad.mul_(grad_total), None, None, None, None, None, None
+        return grad.mul_(grad_total), None, None, None, None, None
 
 
-class MbLSLoss(nn.Module):
+class MbLSLoss(SegmentationLoss):
     """Margin-based Label Smoothing: CE(z, y) + alpha * mean_{i,k} ReLU(max_j z_ij - z_ik - margin).
 
     Both terms are means over the non-ignored voxels (the penalty over voxels x classes). Defaults follow the papers:
-    margin 10, alpha 0.1. Input: logits (B, K, *spatial) of any float dtype (computed in float32), integer targets
-    (B, 1, *spatial) or (B, *spatial); any spatial rank.
+    margin 10, alpha 0.1. `parts()` names the terms `ce` and `penalty` (alpha times the mean ReLU).
 
     The released code's optional alpha schedule is available through `schedule` ("add", "multiply" or "step"; off by
     default): call `step_alpha(epoch)` once per epoch; alpha never exceeds `max_alpha`.
@@ -96,7 +86,8 @@ class MbLSLoss(nn.Module):
     def __init__(self, margin: float = 10.0, alpha: float = 0.1, ignore_index: int | None = None,
                  schedule: str | None = None, schedule_factor: float = 0.0, schedule_step_size: int = 100,
                  max_alpha: float = 100.0):
-        super().__init__()
+        super().__init__(ignore_index)
+        check_finite_number(margin=margin, alpha=alpha, max_alpha=max_alpha, schedule_factor=schedule_factor)
         if margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin}")
         if alpha < 0:
@@ -113,7 +104,6 @@ class MbLSLoss(nn.Module):
         self.margin = float(margin)
         self.alpha = float(alpha)
         self.initial_alpha = float(alpha)
-        self.ignore_index = ignore_index
         self.schedule = schedule
         self.schedule_factor = float(schedule_factor)
         self.schedule_step_size = int(schedule_step_size)
@@ -135,19 +125,15 @@ class MbLSLoss(nn.Module):
         self.alpha = min(alpha, self.max_alpha)
         return self.alpha
 
-    def parts(self, logits: torch.Tensor, target: torch.Tensor) -> MbLSParts:
-        """The loss and its two terms; only `total` is differentiable."""
-        flat = flatten_inputs(logits, target, self.ignore_index)
-        if flat.num_valid == 0:
-            zero = logits.sum() * 0.0
-            return MbLSParts(zero, zero.detach(), zero.detach())
-        total, ce, penalty = _MbLSFunction.apply(flat.logits, flat.target, flat.valid, flat.num_valid,
-                                                 self.margin, self.alpha)
-        check_finite(total, logits, type(self).__name__)
-        return MbLSParts(total, ce, penalty)
+    def start_epoch(self, epoch: int) -> str | None:
+        if self.schedule is None:
+            return None
+        return f"MbLS alpha: {self.step_alpha(epoch):.4g}"
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.parts(logits, target).total
+    def compute(self, flat: FlatInputs):
+        total, ce, penalty = _MbLSFunction.apply(flat.logits, flat.target, flat.valid, flat.voxel_divisor(),
+                                                 self.margin, self.alpha)
+        return total, {"ce": ce, "penalty": self.alpha * penalty}
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, alpha={self.alpha}, ignore_index={self.ignore_index}, schedule={self.schedule}"
