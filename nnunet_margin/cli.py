@@ -1,4 +1,9 @@
-"""The `nnunet-margin` command."""
+"""The `nnunet-margin` command: every argument parser and the one error policy of the command line.
+
+A failure the user can fix (a missing file, bad input, a refused operation) is printed as one or two lines naming
+the problem and the fix, with exit code 2; `--debug` shows the traceback instead. Modules raise ordinary
+exceptions with such messages; this file only formats them.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ import sys
 from pathlib import Path
 
 from . import __version__
+
+EXIT_USER_ERROR = 2
 
 
 def trainers_path() -> Path:
@@ -40,9 +47,16 @@ def _doctor_command(args: argparse.Namespace) -> int:
     except PackageNotFoundError:
         report(False, "nnunetv2 is not installed", "pip install 'nnunetv2>=2.8,<2.9'")
         return 1
-    major_minor = tuple(int(part) for part in nnunet_version.split(".")[:2])
-    report(major_minor == (2, 8), f"nnunetv2 {nnunet_version} (nnunet-margin {__version__} needs 2.8.x)",
-           "pip install 'nnunetv2>=2.8,<2.9'")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the seams are checked one by one below
+        from .nnunet import _seams
+    verified = nnunet_version in _seams.VERIFIED_VERSIONS
+    report(verified, f"nnunetv2 {nnunet_version} (verified: {', '.join(_seams.VERIFIED_VERSIONS)})",
+           f"pip install 'nnunetv2=={_seams.VERIFIED_VERSIONS[-1]}', or check the seams below")
+    for name, problem in _seams.check_all().items():
+        report(problem is None, f"nnU-Net seam {name}" + ("" if problem is None else f": {problem}"))
     for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         value = os.environ.get(variable)
         created_later = variable == "nnUNet_results" and bool(value) and not Path(value).exists()
@@ -54,9 +68,7 @@ def _doctor_command(args: argparse.Namespace) -> int:
     report(expected in folders, f"nnUNet_extTrainer={os.environ.get('nnUNet_extTrainer', '(not set)')}",
            f"export nnUNet_extTrainer={expected}  (append other folders with '{os.pathsep}')")
     try:
-        from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-
-        found = recursive_find_trainer_class_by_name("nnUNetTrainerMarginCalib")
+        found = _seams.find_trainer_class("nnUNetTrainerMarginCalib")
         report(True, f"nnU-Net finds nnUNetTrainerMarginCalib ({found.__module__})")
     except Exception as error:  # any failure of the lookup is what this check reports
         report(False, f"nnU-Net's trainer lookup fails: {error!r}",
@@ -76,19 +88,59 @@ def _label_stats_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .nnunet.calibration_report import add_calibration_parser, add_compare_parser
-    from .nnunet.portable import add_export_portable_parser
-    from .nnunet.temperature import add_fit_temperature_parser
+def _calibration_command(args: argparse.Namespace) -> int:
+    from .nnunet.calibration_report import PLOT_FILE, REPORT_FILE, calibrate_prediction_folder, summary_lines
 
-    parser = argparse.ArgumentParser(prog="nnunet-margin", description="Margin calibration and MbLS for nnU-Net v2")
+    report = calibrate_prediction_folder(args.pred_folder, args.gt_folder, args.output_folder, args.num_processes)
+    print("\n".join(summary_lines(report)))
+    output = Path(args.output_folder or args.pred_folder)
+    print(f"wrote {output / REPORT_FILE} and {output / PLOT_FILE}")
+    return 0
+
+
+def _compare_command(args: argparse.Namespace) -> int:
+    from ._atomic import atomic_path
+    from .nnunet.calibration_report import compare_reports
+
+    markdown, table = compare_reports(args.results_dirs)
+    print(markdown, end="")
+    if args.csv:
+        with atomic_path(args.csv) as temporary:
+            temporary.write_text(table)
+    return 0
+
+
+def _fit_temperature_command(args: argparse.Namespace) -> int:
+    from .nnunet.temperature import TEMPERATURE_FILE, fit_model_temperatures, temperature_table
+
+    records = fit_model_temperatures(args.model_folder, args.folds, args.scope, args.num_processes)
+    print(temperature_table(records), end="")
+    print(f"wrote {TEMPERATURE_FILE} into " + ", ".join(str(Path(args.model_folder) / fold) for fold in records))
+    return 0
+
+
+def _export_portable_command(args: argparse.Namespace) -> int:
+    from .nnunet.portable import BASE_TRAINER, export_portable
+    from .nnunet.temperature import TrainedModel
+
+    exported = TrainedModel.load(export_portable(args.model_folder, args.out, args.temperature, args.folds))
+    print(f"wrote {exported.folder}\npredict with plain nnU-Net:\n  nnUNet_results={Path(args.out).resolve()} "
+          f"nnUNetv2_predict -d {exported.dataset_name} -c {exported.configuration} -p {exported.plans} "
+          f"-tr {BASE_TRAINER} -i INPUT -o OUTPUT")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nnunet-margin", description="Calibration toolkit for nnU-Net v2")
     parser.add_argument("--version", action="version", version=f"nnunet-margin {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
 
     sub = commands.add_parser("trainers-path", help="print the folder to put in nnUNet_extTrainer")
     sub.set_defaults(func=_trainers_path_command)
 
-    sub = commands.add_parser("doctor", help="check nnU-Net's environment and the trainer lookup")
+    sub = commands.add_parser("doctor", help="check nnU-Net's version and seams, its environment and the trainer "
+                                             "lookup")
     sub.set_defaults(func=_doctor_command)
 
     sub = commands.add_parser("label-stats", help="class voxel counts, fractions and margin offsets of a dataset")
@@ -102,20 +154,71 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("-np", "--num-processes", type=int, default=4)
     sub.set_defaults(func=_label_stats_command)
 
-    add_calibration_parser(commands)
-    add_compare_parser(commands)
-    add_fit_temperature_parser(commands)
-    add_export_portable_parser(commands)
+    sub = commands.add_parser("calibration", help="calibration report of an nnU-Net prediction folder (needs "
+                                                  "--save_probabilities)")
+    sub.add_argument("pred_folder", help="folder of nnUNetv2_predict --save_probabilities, or a validation folder "
+                                         "written with --npz")
+    sub.add_argument("gt_folder", help="folder with the ground-truth segmentations (CASE<file_ending>)")
+    sub.add_argument("-o", "--output-folder", dest="output_folder", default=None,
+                     help="where calibration.json and reliability.png go (default: PRED_FOLDER)")
+    sub.add_argument("-np", "--num-processes", dest="num_processes", type=int, default=1,
+                     help="cases evaluated in parallel (default: 1)")
+    sub.set_defaults(func=_calibration_command)
+
+    sub = commands.add_parser("compare", help="compare calibration reports of several trainers as a table")
+    sub.add_argument("results_dirs", nargs="+", metavar="RESULTS_DIR",
+                     help="a folder with calibration.json, or a trainer/fold folder with */validation/ below it")
+    sub.add_argument("--csv", default=None, metavar="FILE", help="also write the table as CSV")
+    sub.set_defaults(func=_compare_command)
+
+    sub = commands.add_parser("fit-temperature", help="fit a post-hoc temperature per fold on its validation "
+                                                      "probabilities (writes fold_X/temperature.json)")
+    sub.add_argument("model_folder", help="trained model folder nnUNet_results/DatasetXXX/TRAINER__PLANS__CONF")
+    sub.add_argument("-f", "--folds", nargs="+", default=None,
+                     help="folds to fit (default: every fold_X with checkpoint_final.pth)")
+    sub.add_argument("--scope", choices=("foreground", "crop"), default="foreground",
+                     help="voxels the temperature is fitted and measured on (default: foreground)")
+    sub.add_argument("-np", "--num-processes", dest="num_processes", type=int, default=1,
+                     help="cases read in parallel (default: 1)")
+    sub.set_defaults(func=_fit_temperature_command)
+
+    sub = commands.add_parser("export-portable", help="copy a trained model so that plain nnU-Net (without this "
+                                                      "plugin) loads it, as trainer nnUNetTrainer")
+    sub.add_argument("model_folder", help="trained model folder nnUNet_results/DatasetXXX/TRAINER__PLANS__CONF")
+    sub.add_argument("out", help="an nnUNet_results-style root: the copy goes to "
+                                 "OUT/DatasetXXX/nnUNetTrainer__PLANS__CONF")
+    sub.add_argument("--temperature", action="store_true",
+                     help="fold each fold's fitted temperature (fold_X/temperature.json from fit-temperature) into "
+                          "its final layer")
+    sub.add_argument("-f", "--folds", nargs="+", default=None,
+                     help="folds to export (default: every fold_X with checkpoint_final.pth)")
+    sub.set_defaults(func=_export_portable_command)
     return parser
+
+
+def format_error(command: str, error: BaseException) -> str:
+    """One or two lines: what went wrong (the message names the file and the fix) and, for OS errors, the path."""
+    if isinstance(error, OSError) and error.filename is not None and str(error.filename) not in str(error):
+        return f"nnunet-margin {command}: error: {error} ({error.filename})"
+    message = str(error) if str(error) else type(error).__name__
+    if isinstance(error, KeyError) and error.args:
+        message = str(error.args[0])
+    return f"nnunet-margin {command}: error: {message}"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as error:
-        print(f"nnunet-margin {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"nnunet-margin {args.command}: interrupted; finished files are complete, nothing is half-written",
+              file=sys.stderr)
+        return 130
+    except Exception as error:  # the policy: every failure is reported in a line or two, tracebacks with --debug
+        if args.debug:
+            raise
+        print(format_error(args.command, error), file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

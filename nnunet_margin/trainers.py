@@ -1,70 +1,45 @@
-"""nnU-Net trainers: thin compositions of the losses, the loss assembly and the calibration validation hook.
+"""nnU-Net trainers: a base that builds the loss from named terms, then a few lines per method.
 
 Hyper-parameters are class attributes, so a variant is a one-line subclass whose name records them (nnU-Net's
 convention: the results folder is named after the trainer). Every class overrides only nnU-Net hooks and calls
 `super()`, so it combines with other nnU-Net variants by multiple inheritance, e.g.
 `class MyTrainer(nnUNetTrainerMbLS, nnUNetTrainerNoMirroring): pass`.
+
+A new method is one `SegmentationLoss` in `nnunet_margin.losses` and a subclass of `LossTermsTrainer` whose
+`loss_terms()` returns it; `dice_weight = 1.0` adds nnU-Net's soft Dice as a further term.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+import torch
+from torch import nn
 
-from ._atomic import atomic_path
 from .losses import MarginCalibrationLoss, MbLSLoss
-from .nnunet.loss_assembly import assemble_loss
-from .nnunet.margin_record import (add_record_to_checkpoint, read_record, record_from_checkpoint, shared_fold_record,
-                                   write_record)
+from .nnunet import _seams
+from .nnunet._seams import nnUNetTrainer
+from .nnunet.distributed import mean_over_ranks, on_rank_zero
+from .nnunet.label_stats import trainer_label_counts
+from .nnunet.loss_assembly import assemble_loss, soft_dice
+from .nnunet.margin_record import compute_fold_record, record_from_checkpoint_extras, write_record
 from .nnunet.validation import measuring_calibration, write_validation_report
+
+CHECKPOINT_KEY = "nnunet_margin"
 
 
 class nnUNetTrainerWithCalibration(nnUNetTrainer):
     """nnU-Net's default trainer plus calibration metrics in the final validation (the baseline for comparisons).
 
-    Writes validation/calibration.json and validation/reliability.png; for losses of several terms, it logs each
-    term's per-epoch mean and share.
+    Writes validation/calibration.json and validation/reliability.png.
     """
 
-    def _reject_regions(self) -> None:
+    def initialize(self):
         if self.label_manager.has_regions:
             raise ValueError(
                 f"{type(self).__name__} needs label-based (softmax) training, but dataset.json defines regions "
-                f"(sigmoid outputs). Margin calibration, MbLS and the multi-class calibration metrics are not defined "
+                f"(sigmoid outputs). The calibration losses and the multi-class calibration metrics are not defined "
                 f"for overlapping regions; train regions with nnU-Net's own nnUNetTrainer.")
-
-    def initialize(self):
-        self._reject_regions()
         super().initialize()
-
-    def train_step(self, batch: dict) -> dict:
-        result = super().train_step(batch)
-        for name, value in getattr(self.loss, "components", {}).items():
-            result[f"loss_part/{name}"] = float(value)
-        return result
-
-    def on_train_epoch_end(self, train_outputs: list[dict]):
-        super().on_train_epoch_end(train_outputs)
-        names = [key for key in train_outputs[0] if key.startswith("loss_part/")] if train_outputs else []
-        if len(names) < 2:
-            return
-        means = {name: float(np.mean([output[name] for output in train_outputs])) for name in names}
-        if self.is_ddp:
-            import torch.distributed as dist
-
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, means)
-            means = {name: float(np.mean([g[name] for g in gathered])) for name in names}
-        total = sum(means.values())
-        logged = self.logger.local_logger.my_fantastic_logging
-        for name, value in means.items():
-            key = "train_" + name.replace("/", "_")
-            # LocalLogger only accepts registered keys; pad epochs logged before this key existed (old checkpoints)
-            logged.setdefault(key, [float("nan")] * self.current_epoch)
-            self.logger.log(key, value, self.current_epoch)
-        self.print_to_log_file("loss parts: " + ", ".join(
-            f"{name.removeprefix('loss_part/')} {value:.4f}" + (f" ({100 * value / total:.1f}%)" if total else "")
-            for name, value in means.items()))
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         with measuring_calibration(self) as scratch:
@@ -80,7 +55,128 @@ class nnUNetTrainerWithCalibration(nnUNetTrainer):
                                    also_print_to_console=True)
 
 
-class nnUNetTrainerMarginCalib(nnUNetTrainerWithCalibration):
+class LossTermsTrainer(nnUNetTrainerWithCalibration):
+    """Base of the plugin's loss trainers: the loss is `loss_terms()` plus nnU-Net's soft Dice (`dice_weight`),
+    with nnU-Net's deep supervision.
+
+    Labels are checked once before training (cached label statistics; a bad label names its case), the loss value
+    every step from the host copy nnU-Net makes anyway, and each term's per-epoch mean is logged as
+    `train_loss_part_<term>` when the loss has several terms; nothing here synchronises with the GPU per step.
+    Training state of the losses (their buffers, e.g. CALS multipliers) is kept in every checkpoint.
+    """
+
+    dice_weight: float = 0.0
+    label_stats_processes: int = 4
+
+    _part_names: list[str] | None = None
+    _part_sums: torch.Tensor | None = None
+    _part_steps: int = 0
+
+    def loss_terms(self) -> dict[str, tuple[float, nn.Module]]:
+        """The method's weighted loss terms {name: (weight, loss)}; subclasses implement it."""
+        raise NotImplementedError
+
+    @property
+    def ignore_label(self) -> int | None:
+        return self.label_manager.ignore_label
+
+    def _build_loss(self):
+        terms = self.loss_terms()
+        if self.dice_weight:
+            terms["dice"] = (self.dice_weight, soft_dice(self))
+        return assemble_loss(self, terms)
+
+    def on_train_start(self):
+        super().on_train_start()
+        on_rank_zero(self, lambda: trainer_label_counts(self, self.label_stats_processes))
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        for term in self.loss.segmentation_losses():
+            self._log_line(term.start_epoch(self.current_epoch))
+
+    def train_step(self, batch: dict) -> dict:
+        result = super().train_step(batch)
+        if not np.isfinite(result["loss"]):  # nnU-Net's own host copy of the loss: no extra synchronisation
+            self._raise_nonfinite_loss()
+        components = self.loss.components
+        if len(components) > 1:
+            stacked = torch.stack([value.float() for value in components.values()])
+            if self._part_sums is None:
+                self._part_names, self._part_sums, self._part_steps = list(components), stacked, 0
+            else:
+                self._part_sums = self._part_sums + stacked
+            self._part_steps += 1
+        return result
+
+    def _raise_nonfinite_loss(self):
+        from .losses.base import nonfinite_logits_message, nonfinite_loss_message
+
+        where = f"{type(self).__name__}, epoch {self.current_epoch}"
+        outputs_finite = bool(self.loss.outputs_finite)  # error path only
+        raise FloatingPointError(nonfinite_loss_message(where) if outputs_finite else nonfinite_logits_message(where))
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        super().on_train_epoch_end(train_outputs)
+        if self._part_sums is None:
+            return
+        means = dict(zip(self._part_names, (self._part_sums / self._part_steps).tolist()))  # once per epoch
+        self._part_sums = None
+        means = mean_over_ranks(self, means)
+        total = sum(means.values())
+        for name, value in means.items():
+            key = f"train_loss_part_{name}"
+            _seams.register_log_key(self, key)
+            self.logger.log(key, value, self.current_epoch)
+        self.print_to_log_file("loss parts: " + ", ".join(
+            f"{name} {value:.4f}" + (f" ({100 * value / total:.1f}%)" if total else "")
+            for name, value in means.items()))
+
+    def on_validation_epoch_start(self):
+        super().on_validation_epoch_start()
+        self.loss.observing = True
+
+    def on_validation_epoch_end(self, val_outputs: list[dict]):
+        super().on_validation_epoch_end(val_outputs)
+        self.loss.observing = False
+        for term in self.loss.segmentation_losses():
+            self._log_line(term.finish_validation())
+
+    def _log_line(self, line: str | None) -> None:
+        if line is not None:
+            self.print_to_log_file(line)
+
+    def checkpoint_extras(self) -> dict:
+        """What the plugin adds to every checkpoint (under the key `nnunet_margin`)."""
+        return {"loss_state": {name: value.cpu() for name, value in self.loss.state_dict().items()}}
+
+    def restore_checkpoint_extras(self, extras: dict) -> None:
+        """Called after nnU-Net's load_checkpoint with what `checkpoint_extras` stored (empty for old checkpoints)."""
+        if "loss_state" in extras:
+            self.loss.load_state_dict(extras["loss_state"])
+
+    def save_checkpoint(self, filename: str) -> None:
+        if self.local_rank != 0 or self.disable_checkpointing:
+            super().save_checkpoint(filename)  # writes nothing here, but logs as nnU-Net does
+            return
+        _seams.save_checkpoint_with(super().save_checkpoint, filename, {CHECKPOINT_KEY: self.checkpoint_extras()})
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        if isinstance(filename_or_checkpoint, dict):
+            checkpoint, name = filename_or_checkpoint, "(dict)"
+        else:
+            checkpoint = torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
+            name = str(filename_or_checkpoint)
+        extras = checkpoint.get(CHECKPOINT_KEY) or {}
+        self.before_loading_checkpoint(extras)
+        _seams.load_checkpoint_once(super().load_checkpoint, checkpoint, name)
+        self.restore_checkpoint_extras(extras)
+
+    def before_loading_checkpoint(self, extras: dict) -> None:
+        """Called with the checkpoint's extras before nnU-Net's load_checkpoint, which may build the loss."""
+
+
+class nnUNetTrainerMarginCalib(LossTermsTrainer):
     """Distribution-aware Margin Calibration (Yu et al., AAAI 2021 / IJCV 2022) as the only loss.
 
     The offsets come from the class voxel counts of the fold's preprocessed training cases, are written to
@@ -91,22 +187,17 @@ class nnUNetTrainerMarginCalib(nnUNetTrainerWithCalibration):
     upsilon: float = 1.0
     loss_form: str = "released"
     empty_classes: str = "error"
-    dice_weight: float = 0.0
-    label_stats_processes: int = 4
 
     margin_record: dict | None = None
 
-    def _build_loss(self):
+    def loss_terms(self):
         if self.margin_record is None:
-            self.margin_record = shared_fold_record(self, tau=self.tau, upsilon=self.upsilon,
-                                                    empty_classes=self.empty_classes,
-                                                    num_processes=self.label_stats_processes)
-        margin_loss = MarginCalibrationLoss(self.margin_record["rho_k0"], self.margin_record["rho_0k"],
-                                            form=self.loss_form, ignore_index=self.label_manager.ignore_label)
-        terms = {"margin_calibration": (1.0, margin_loss)}
-        if self.dice_weight:
-            terms["dice"] = (self.dice_weight, None)
-        return assemble_loss(self, **terms)
+            self.margin_record = on_rank_zero(self, lambda: compute_fold_record(
+                self, tau=self.tau, upsilon=self.upsilon, empty_classes=self.empty_classes,
+                num_processes=self.label_stats_processes))
+        loss = MarginCalibrationLoss(self.margin_record["rho_k0"], self.margin_record["rho_0k"],
+                                     form=self.loss_form, ignore_index=self.ignore_label)
+        return {"margin_calibration": (1.0, loss)}
 
     def on_train_start(self):
         super().on_train_start()
@@ -116,26 +207,19 @@ class nnUNetTrainerMarginCalib(nnUNetTrainerWithCalibration):
                 f"{name} {rho_0k:.4g}/{rho_k0:.3g}" for name, rho_0k, rho_k0 in zip(
                     self.margin_record["class_names"], self.margin_record["rho_0k"], self.margin_record["rho_k0"])))
 
-    def save_checkpoint(self, filename: str) -> None:
-        if self.local_rank != 0 or self.disable_checkpointing:
-            super().save_checkpoint(filename)  # writes nothing here, but logs as nnU-Net does
-            return
-        with atomic_path(filename) as temporary:  # nnU-Net's write plus the record, replacing the old file at once
-            super().save_checkpoint(str(temporary))
-            add_record_to_checkpoint(str(temporary), self.margin_record)
+    def checkpoint_extras(self) -> dict:
+        return {**super().checkpoint_extras(), "margin_record": self.margin_record}
 
-    def load_checkpoint(self, filename_or_checkpoint) -> None:
-        # Before nnU-Net's load_checkpoint, which initialises the trainer and so builds the loss: --c and --val
-        # then use the recorded offsets and never recount labels (the data or the split may have changed since).
-        # nnU-Net 2.8 only loads checkpoints given as file names; older ones lack the record: use the fold's JSON.
-        recorded = record_from_checkpoint(filename_or_checkpoint) or read_record(self.output_folder)
-        rebuild = self.was_initialized and recorded is not None and recorded != self.margin_record
+    def before_loading_checkpoint(self, extras: dict) -> None:
+        # Before nnU-Net's load_checkpoint, which initialises the trainer and so builds the loss: --c and --val then
+        # use the recorded offsets and never recount labels (the data or the split may have changed since).
+        recorded = record_from_checkpoint_extras(extras, self.output_folder)
         if recorded is not None:
             self.print_to_log_file("Using the margin offsets recorded with the checkpoint.")
+            if self.was_initialized and recorded != self.margin_record:
+                self.margin_record = recorded
+                self.loss = self._build_loss()
             self.margin_record = recorded
-        super().load_checkpoint(filename_or_checkpoint)
-        if rebuild:
-            self.loss = self._build_loss()
 
 
 class nnUNetTrainerMarginCalibDice(nnUNetTrainerMarginCalib):
@@ -168,7 +252,7 @@ class nnUNetTrainerMarginCalibDice_tau5(nnUNetTrainerMarginCalibDice):
     tau = 5.0
 
 
-class nnUNetTrainerMbLS(nnUNetTrainerWithCalibration):
+class nnUNetTrainerMbLS(LossTermsTrainer):
     """Margin-based Label Smoothing (Liu et al., CVPR 2022 / MedIA 2023): CE + alpha * ReLU(logit distance - margin).
 
     The per-epoch log shows the penalty's share of the loss. Set `mbls_schedule` ("add", "multiply", "step") with
@@ -182,23 +266,12 @@ class nnUNetTrainerMbLS(nnUNetTrainerWithCalibration):
     mbls_schedule_factor: float = 0.0
     mbls_schedule_step_size: int = 100
     mbls_max_alpha: float = 100.0
-    dice_weight: float = 0.0
 
-    def _build_loss(self):
-        mbls = MbLSLoss(margin=self.mbls_margin, alpha=self.mbls_alpha, ignore_index=self.label_manager.ignore_label,
-                        schedule=self.mbls_schedule, schedule_factor=self.mbls_schedule_factor,
-                        schedule_step_size=self.mbls_schedule_step_size, max_alpha=self.mbls_max_alpha)
-        terms = {"mbls": (1.0, mbls)}
-        if self.dice_weight:
-            terms["dice"] = (self.dice_weight, None)
-        return assemble_loss(self, **terms)
-
-    def on_train_epoch_start(self):
-        super().on_train_epoch_start()
-        if self.mbls_schedule is not None:
-            for module in self.loss.modules():
-                if isinstance(module, MbLSLoss):
-                    self.print_to_log_file(f"MbLS alpha: {module.step_alpha(self.current_epoch):.4g}")
+    def loss_terms(self):
+        return {"mbls": (1.0, MbLSLoss(margin=self.mbls_margin, alpha=self.mbls_alpha, ignore_index=self.ignore_label,
+                                       schedule=self.mbls_schedule, schedule_factor=self.mbls_schedule_factor,
+                                       schedule_step_size=self.mbls_schedule_step_size,
+                                       max_alpha=self.mbls_max_alpha))}
 
 
 class nnUNetTrainerMbLSDice(nnUNetTrainerMbLS):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -15,10 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from nnunet_margin import cli
 from nnunet_margin.calibration import CalibrationStats, classwise_expected_calibration_error, expected_calibration_error
 from nnunet_margin.nnunet.calibration_report import (
-    add_calibration_parser,
-    add_compare_parser,
     calibrate_prediction_folder,
     compare_reports,
     crop_mask_from_properties,
@@ -346,20 +344,13 @@ def test_compare_reports(tmp_path):
         compare_reports([tmp_path / "nothing_here"])
 
 
-def test_argparse_glue(tmp_path, capsys):
+def test_command_line(tmp_path, capsys):
     write_prediction_folder(tmp_path / "pred", tmp_path / "gt")
-    parser = argparse.ArgumentParser(prog="nnunet-margin")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    add_calibration_parser(subparsers)
-    add_compare_parser(subparsers)
-
-    args = parser.parse_args(["calibration", str(tmp_path / "pred"), str(tmp_path / "gt"), "-o",
-                              str(tmp_path / "out"), "-np", "1"])
-    args.func(args)
+    assert cli.main(["calibration", str(tmp_path / "pred"), str(tmp_path / "gt"), "-o", str(tmp_path / "out"),
+                     "-np", "1"]) == 0
     assert "foreground (mean over 3 cases): ece" in capsys.readouterr().out
     assert (tmp_path / "out" / "calibration.json").is_file()
 
-    args = parser.parse_args(["compare", str(tmp_path / "out"), "--csv", str(tmp_path / "table.csv")])
-    args.func(args)
+    assert cli.main(["compare", str(tmp_path / "out"), "--csv", str(tmp_path / "table.csv")]) == 0
     assert capsys.readouterr().out.startswith("| report | class |")
     assert (tmp_path / "table.csv").read_text().startswith("report,class,dice")

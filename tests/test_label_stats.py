@@ -11,8 +11,10 @@ import SimpleITK as sitk
 
 from nnunet_margin.losses import EmptyClassError
 from nnunet_margin.nnunet import label_stats
-from nnunet_margin.nnunet.label_stats import LabelSpec, cache_path, case_label_counts, count_labels, total_counts
-from nnunet_margin.nnunet.margin_record import fold_training_cases, offsets_record
+from nnunet_margin.nnunet._seams import fold_training_cases
+from nnunet_margin.nnunet.label_stats import (LabelSpec, cache_path, case_label_counts, count_labels, total_counts,
+                                              user_cache_path)
+from nnunet_margin.nnunet.margin_record import offsets_record
 
 IDENTIFIER = "nnUNetPlans_3d_fullres"
 
@@ -33,11 +35,13 @@ def test_count_labels_rejects_undefined_labels(segmentation):
 
 
 @pytest.fixture()
-def preprocessed_copy(nnunet_env, tmp_path):
-    """A private copy of the planned dataset's preprocessed folder, so tests may change files in it."""
+def preprocessed_copy(nnunet_env, tmp_path, monkeypatch):
+    """A private copy of the planned dataset's preprocessed folder, so tests may change files in it (and a private
+    per-user cache folder)."""
     copy = tmp_path / nnunet_env.preprocessed.name
     shutil.copytree(nnunet_env.preprocessed, copy)
     cache_path(copy, IDENTIFIER).unlink(missing_ok=True)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user_cache"))
     return copy
 
 
@@ -79,15 +83,97 @@ def test_stale_entries_are_recounted(preprocessed_copy, monkeypatch):
     assert recounted == ["case_003"]
 
 
-def test_corrupt_or_foreign_cache_is_rebuilt_with_a_warning(nnunet_env, preprocessed_copy):
+def test_corrupt_or_foreign_cache_is_rebuilt_with_a_notice(nnunet_env, preprocessed_copy, capsys):
     path = cache_path(preprocessed_copy, IDENTIFIER)
     path.write_text("{ truncated")
-    with pytest.warns(UserWarning, match="unreadable"):
-        counts = case_label_counts(preprocessed_copy, IDENTIFIER, LabelSpec(4))
+    counts = case_label_counts(preprocessed_copy, IDENTIFIER, LabelSpec(4))
+    assert "is unreadable" in capsys.readouterr().err
     assert counts["case_000"].tolist() == raw_counts(nnunet_env, "case_000").tolist()
     assert json.loads(path.read_text())["num_classes"] == 4
-    with pytest.warns(UserWarning, match="other labels"):
-        case_label_counts(preprocessed_copy, IDENTIFIER, LabelSpec(4, ignore_label=4))
+    case_label_counts(preprocessed_copy, IDENTIFIER, LabelSpec(4, ignore_label=4))
+    assert "other labels" in capsys.readouterr().err
+
+
+def edit_cache(path, edit):
+    content = json.loads(path.read_text())
+    edit(content)
+    path.write_text(json.dumps(content))
+
+
+def set_counts(content, counts):
+    content["cases"]["case_002"]["counts"] = counts
+
+
+@pytest.mark.parametrize("edit, recounted", [
+    (lambda c: set_counts(c, [-5, 1, 2, 3]), ["case_002"]),  # negative
+    (lambda c: set_counts(c, [1.5, 1, 2, 3]), ["case_002"]),  # fractional
+    (lambda c: set_counts(c, [1, 2, 3]), ["case_002"]),  # wrong length
+    (lambda c: c["cases"]["case_002"]["counts"].__setitem__(1, 7), ["case_002"]),  # same fingerprint, other counts
+    (lambda c: c["cases"]["case_002"].pop("fingerprint"), ["case_002"]),
+    (lambda c: c.__setitem__("cases", list(c["cases"])), [f"case_{i:03d}" for i in range(10)]),  # cases as a list
+    (lambda c: c.pop("version"), [f"case_{i:03d}" for i in range(10)]),
+])
+def test_invalid_cache_entries_are_recounted_with_a_notice(nnunet_env, preprocessed_copy, monkeypatch, capsys,
+                                                           edit, recounted):
+    """Each of these was trusted (or failed on every rerun) before the cache schema was validated."""
+    case_label_counts(preprocessed_copy, IDENTIFIER, LabelSpec(4))
+    path = cache_path(preprocessed_copy, IDENTIFIER)
+    edit_cache(path, edit)
+    capsys.readouterr()
+    counted = []
+    original = label_stats._count_case
+    monkeypatch.setattr(label_stats, "_count_case", lambda *job: counted.append(job[1]) or original(*job))
+    counts = case_label_counts(preprocessed_copy, IDENTIFIER, LabelSpec(4))
+    assert sorted(counted) == recounted
+    assert "nnunet-margin: " in capsys.readouterr().err
+    assert counts["case_002"].tolist() == raw_counts(nnunet_env, "case_002").tolist()
+    counted.clear()
+    case_label_counts(preprocessed_copy, IDENTIFIER, LabelSpec(4))  # repaired: nothing is recounted any more
+    assert counted == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_preprocessed_folder_uses_the_user_cache(nnunet_env, preprocessed_copy, monkeypatch, capsys):
+    _read_only_preprocessed_folder_uses_the_user_cache(nnunet_env, preprocessed_copy, monkeypatch, capsys)
+
+
+def test_unwritable_preprocessed_folder_uses_the_user_cache(nnunet_env, preprocessed_copy, monkeypatch, capsys):
+    """As a read-only folder looks to root, who may write anywhere: the preprocessed folder's cache write fails."""
+    original = label_stats.write_json_atomic
+
+    def refuse_preprocessed(path, content):
+        if path.parent == preprocessed_copy:
+            raise PermissionError(13, "Permission denied", str(path))
+        original(path, content)
+
+    monkeypatch.setattr(label_stats, "write_json_atomic", refuse_preprocessed)
+    _read_only_preprocessed_folder_uses_the_user_cache(nnunet_env, preprocessed_copy, monkeypatch, capsys)
+
+
+def _read_only_preprocessed_folder_uses_the_user_cache(nnunet_env, preprocessed_copy, monkeypatch, capsys):
+    before = sorted(p.name for p in preprocessed_copy.iterdir())
+    preprocessed_copy.chmod(0o555)
+    try:
+        counts = case_label_counts(preprocessed_copy, IDENTIFIER, LabelSpec(4))
+        assert "cannot write the label-count cache" in capsys.readouterr().err
+        assert user_cache_path(preprocessed_copy, IDENTIFIER).is_file()
+        assert sorted(p.name for p in preprocessed_copy.iterdir()) == before
+        monkeypatch.setattr(label_stats, "_count_case", lambda *job: pytest.fail("the user cache should be used"))
+        again = case_label_counts(preprocessed_copy, IDENTIFIER, LabelSpec(4))
+        assert capsys.readouterr().err == ""
+        assert {c: v.tolist() for c, v in again.items()} == {c: v.tolist() for c, v in counts.items()}
+    finally:
+        preprocessed_copy.chmod(0o755)
+
+
+def test_no_writable_cache_keeps_the_counts_in_memory(nnunet_env, preprocessed_copy, monkeypatch, capsys):
+    def refuse(path, content):
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(label_stats, "write_json_atomic", refuse)
+    counts = case_label_counts(preprocessed_copy, IDENTIFIER, LabelSpec(4))
+    assert "the counts stay in memory" in capsys.readouterr().err
+    assert counts["case_001"].tolist() == raw_counts(nnunet_env, "case_001").tolist()
 
 
 def test_failed_cache_write_keeps_the_old_file(preprocessed_copy, monkeypatch):
@@ -166,32 +252,40 @@ def test_label_stats_command(nnunet_env):
     assert failed.returncode == 2 and "fold must be a number or 'all'" in failed.stderr
 
 
-def _shared_record_worker(rank: int, store: str, output: str) -> None:
-    """One DDP rank (gloo on the CPU): only rank 0 computes the fold record, the others receive it."""
+def _rank_zero_worker(rank: int, store: str, output: str, fail: bool) -> None:
+    """One DDP rank (gloo on the CPU): only rank 0 computes; the others receive its result, or its error."""
     import torch.distributed as dist
 
-    from nnunet_margin.nnunet import margin_record
+    from nnunet_margin.nnunet.distributed import on_rank_zero
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     computed = []
 
-    def compute(trainer, **kwargs):
+    def compute():
         computed.append(rank)
-        return {"rho_0k": [1.0, 2.0], "computed_on": rank, **kwargs}
+        if fail:
+            raise ValueError("case 'x': label 7 is not defined")
+        return {"rho_0k": [1.0, 2.0], "computed_on": rank}
 
-    margin_record.compute_fold_record = compute
     trainer = type("Trainer", (), {"local_rank": rank, "is_ddp": True})()
-    record = margin_record.shared_fold_record(trainer, tau=5.0)
+    try:
+        result = {"record": on_rank_zero(trainer, compute)}
+    except ValueError as error:
+        result = {"error": str(error)}
     with open(f"{output}.{rank}", "w") as handle:
-        json.dump({"record": record, "computed": computed}, handle)
+        json.dump({**result, "computed": computed}, handle)
     dist.destroy_process_group()
 
 
-def test_fold_record_is_computed_on_rank_0_and_broadcast(tmp_path):
+@pytest.mark.parametrize("fail", [False, True])
+def test_rank_zero_computes_and_every_rank_gets_the_result_or_the_error(tmp_path, fail):
     import torch.multiprocessing
 
     output = str(tmp_path / "rank")
-    torch.multiprocessing.spawn(_shared_record_worker, args=(str(tmp_path / "store"), output), nprocs=2)
+    torch.multiprocessing.spawn(_rank_zero_worker, args=(str(tmp_path / "store"), output, fail), nprocs=2)
     results = [json.loads(open(f"{output}.{rank}").read()) for rank in (0, 1)]
     assert results[0]["computed"] == [0] and results[1]["computed"] == []
-    assert results[0]["record"] == results[1]["record"] == {"rho_0k": [1.0, 2.0], "computed_on": 0, "tau": 5.0}
+    if fail:
+        assert results[0]["error"] == results[1]["error"] == "case 'x': label 7 is not defined"
+    else:
+        assert results[0]["record"] == results[1]["record"] == {"rho_0k": [1.0, 2.0], "computed_on": 0}

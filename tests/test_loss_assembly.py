@@ -65,7 +65,7 @@ def test_components_are_weighted_like_the_loss():
     total = loss(outputs, targets)
     assert set(loss.components) == {"mbls_ce", "mbls_penalty", "dice"}
     assert float(sum(loss.components.values())) == pytest.approx(float(total), rel=1e-6)  # dice is float32
-    expected_penalty = sum(w * 0.3 * MbLSLoss(margin=0.5, alpha=0.3).parts(o, t).penalty
+    expected_penalty = sum(w * MbLSLoss(margin=0.5, alpha=0.3).parts(o, t).terms["penalty"]
                            for w, o, t in zip(weights, outputs, targets))
     assert float(loss.components["mbls_penalty"]) == pytest.approx(float(expected_penalty), rel=1e-12)
 

@@ -9,7 +9,6 @@ patch corners). The prediction comparison uses T = 0.5 there; the fitted tempera
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -29,8 +28,9 @@ import torch
 
 from nnunet_margin.calibration import CalibrationStats, TemperatureFit, apply_temperature
 from nnunet_margin.nnunet import temperature
-from nnunet_margin.nnunet.portable import add_export_portable_parser, export_portable
-from nnunet_margin.nnunet.temperature import add_fit_temperature_parser, fit_model_temperatures
+from nnunet_margin import cli
+from nnunet_margin.nnunet.portable import export_portable
+from nnunet_margin.nnunet.temperature import fit_model_temperatures
 
 from conftest import DATASET_ID, DATASET_NAME
 
@@ -95,13 +95,6 @@ def run_plain_nnunet(env, command: str, *arguments: str, **variables: str) -> No
     result = subprocess.run([sys.executable, "-c", PLAIN_NNUNET, entry_point.value, *arguments], env=environment,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-
-
-def run_cli(add_parser, *arguments: str) -> int:
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers(required=True))
-    args = parser.parse_args(arguments)
-    return args.func(args)
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
@@ -176,7 +169,7 @@ def test_fit_temperature_minimises_the_validation_nll(env, trained, fitted, caps
     assert_record_matches_independent_fit(fitted, trained / "fold_0", gt_folder, "foreground")
     assert json.loads((trained / "fold_0" / "temperature.json").read_text()) == fitted
 
-    assert run_cli(add_fit_temperature_parser, "fit-temperature", str(trained), "-f", "0") == 0
+    assert cli.main(["fit-temperature", str(trained), "-f", "0"]) == 0
     table = capsys.readouterr().out
     assert f"| fold_0 | foreground | {fitted['temperature']:.4f} |" in table
     assert f"{fitted['before']['nll']:.4f} -> {fitted['after']['nll']:.4f}" in table
@@ -215,7 +208,7 @@ def test_export_with_temperature_reproduces_the_tempered_plugin_prediction(env, 
     (model / "fold_0" / "temperature.json").write_text(json.dumps({"temperature": 0.5}))
     source = tree_digest(model)
     out = tmp_path / "portable"
-    assert run_cli(add_export_portable_parser, "export-portable", str(model), str(out), "--temperature") == 0
+    assert cli.main(["export-portable", str(model), str(out), "--temperature"]) == 0
     assert tree_digest(model) == source
     assert not (out / DATASET_NAME / PORTABLE / "fold_0" / "checkpoint_best.pth").exists()
 

@@ -14,7 +14,6 @@ Each scope has a pooled value (one accumulator over all voxels) and a mean over 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -223,7 +222,7 @@ def _find_model_file(pred_folder: Path, name: str) -> Path:
 
 
 def load_dataset_info(pred_folder: Path) -> DatasetInfo:
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from ._seams import PlansManager
 
     dataset_json = json.loads(_find_model_file(pred_folder, "dataset.json").read_text())
     plans_manager = PlansManager(str(_find_model_file(pred_folder, "plans.json")))
@@ -318,6 +317,13 @@ def calibrate_prediction_folder(pred_folder: PathLike, gt_folder: PathLike, outp
                                     dice_summary if dice_summary.is_file() else None)
 
 
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """One line per scope: the metrics' mean over cases."""
+    return [f"{scope} (mean over {summary['mean_over_cases']['num_cases']} cases): "
+            + ", ".join(f"{name} {_format(summary['mean_over_cases'][name], missing='n/a')}" for name in _SCALAR_METRICS)
+            for scope, summary in report["summary"].items()]
+
+
 def _find_reports(results_dir: Path) -> list[Path]:
     if (results_dir / REPORT_FILE).is_file():
         return [results_dir / REPORT_FILE]
@@ -364,48 +370,3 @@ def compare_reports(results_dirs: list[PathLike]) -> tuple[str, str]:
     writer.writeheader()
     writer.writerows(rows)
     return "\n".join(lines) + "\n", buffer.getvalue()
-
-
-def _run_calibration(args: argparse.Namespace) -> None:
-    report = calibrate_prediction_folder(args.pred_folder, args.gt_folder, args.output_folder, args.num_processes)
-    for scope, summary in report["summary"].items():
-        mean = summary["mean_over_cases"]
-        print(f"{scope} (mean over {mean['num_cases']} cases): "
-              + ", ".join(f"{name} {_format(mean[name], missing='n/a')}" for name in _SCALAR_METRICS))
-    output = Path(args.output_folder or args.pred_folder)
-    print(f"wrote {output / REPORT_FILE} and {output / PLOT_FILE}")
-
-
-def _run_compare(args: argparse.Namespace) -> None:
-    markdown, table = compare_reports(args.results_dirs)
-    print(markdown, end="")
-    if args.csv:
-        with atomic_path(args.csv) as temporary:
-            temporary.write_text(table)
-
-
-def add_calibration_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """`calibration PRED_FOLDER GT_FOLDER [-o OUT] [-np N]`; sets func=handler(args)."""
-    parser = subparsers.add_parser(
-        "calibration", help="calibration report of an nnU-Net prediction folder (needs --save_probabilities)",
-        description=__doc__.split("\n\n")[0])
-    parser.add_argument("pred_folder", help="folder of nnUNetv2_predict --save_probabilities, or a validation folder "
-                                            "written with --npz")
-    parser.add_argument("gt_folder", help="folder with the ground-truth segmentations (CASE<file_ending>)")
-    parser.add_argument("-o", "--output-folder", dest="output_folder", default=None,
-                        help="where calibration.json and reliability.png go (default: PRED_FOLDER)")
-    parser.add_argument("-np", "--num-processes", dest="num_processes", type=int, default=1,
-                        help="cases evaluated in parallel (default: 1)")
-    parser.set_defaults(func=_run_calibration)
-    return parser
-
-
-def add_compare_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """`compare RESULTS_DIR... [--csv FILE]`; prints a Markdown table; sets func=handler(args)."""
-    parser = subparsers.add_parser("compare", help="compare calibration reports of several trainers as a table",
-                                   description=compare_reports.__doc__.split("\n\n")[0])
-    parser.add_argument("results_dirs", nargs="+", metavar="RESULTS_DIR",
-                        help="a folder with calibration.json, or a trainer/fold folder with */validation/ below it")
-    parser.add_argument("--csv", default=None, metavar="FILE", help="also write the table as CSV")
-    parser.set_defaults(func=_run_compare)
-    return parser

@@ -1,4 +1,4 @@
-"""Loss assembly for nnU-Net trainers, written once: weighted terms, nnU-Net's soft Dice, deep supervision."""
+"""Loss assembly for nnU-Net trainers, written once: weighted named terms, nnU-Net's soft Dice, deep supervision."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..losses import MbLSLoss
+from ..losses import SegmentationLoss
+from . import _seams
 
 
 def deep_supervision_weights(num_outputs: int, is_ddp: bool, compiled: bool) -> np.ndarray:
@@ -17,10 +18,26 @@ def deep_supervision_weights(num_outputs: int, is_ddp: bool, compiled: bool) -> 
     return weights / weights.sum()
 
 
-class LossTerms(nn.Module):
-    """Weighted sum of named loss terms that remembers each term's detached contribution for logging.
+class MaskedSoftDice(nn.Module):
+    """nnU-Net's MemoryEfficientSoftDiceLoss (softmax, no background) with its ignore-label handling."""
 
-    An `MbLSLoss` term contributes two entries, `<name>_ce` and `<name>_penalty` (alpha times the penalty).
+    def __init__(self, batch_dice: bool, ddp: bool, ignore_label: int | None):
+        super().__init__()
+        self.ignore_label = ignore_label
+        self.dice = _seams.soft_dice_loss(batch_dice=batch_dice, ddp=ddp)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.ignore_label is None:
+            return self.dice(logits, target)
+        mask = target != self.ignore_label
+        return self.dice(logits, torch.where(mask, target, 0), loss_mask=mask)
+
+
+class LossTerms(nn.Module):
+    """Weighted sum of named loss terms that keeps each term's detached, weighted contribution in `components`.
+
+    A `SegmentationLoss` with several parts contributes `<name>_<part>` entries (e.g. `mbls_ce`, `mbls_penalty`);
+    a single-part term or a plain module contributes `<name>`.
     """
 
     def __init__(self, **terms: tuple[float, nn.Module]):
@@ -36,86 +53,91 @@ class LossTerms(nn.Module):
         components = {}
         for name, term in self.terms.items():
             weight = self.weights[name]
-            if isinstance(term, MbLSLoss):
-                parts = term.parts(logits, target)
-                value = parts.total
-                components[f"{name}_ce"] = weight * parts.ce
-                components[f"{name}_penalty"] = weight * term.alpha * parts.penalty
+            if isinstance(term, SegmentationLoss):
+                value, parts = term.parts(logits, target)
             else:
                 value = term(logits, target)
-                components[name] = weight * value.detach()
+                parts = {"loss": value.detach()}
+            if len(parts) == 1:
+                components[name] = weight * next(iter(parts.values()))
+            else:
+                components.update({f"{name}_{part}": weight * part_value for part, part_value in parts.items()})
             total = total + weight * value
         self.components = components
         return total
 
-
-class MaskedSoftDice(nn.Module):
-    """nnU-Net's MemoryEfficientSoftDiceLoss (softmax, no background) with its ignore-label handling."""
-
-    def __init__(self, batch_dice: bool, ddp: bool, ignore_label: int | None):
-        super().__init__()
-        from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
-        from nnunetv2.utilities.helpers import softmax_helper_dim1
-
-        self.ignore_label = ignore_label
-        self.dice = MemoryEfficientSoftDiceLoss(apply_nonlin=softmax_helper_dim1, batch_dice=batch_dice,
-                                                do_bg=False, smooth=1e-5, ddp=ddp)
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if self.ignore_label is None:
-            return self.dice(logits, target)
-        mask = target != self.ignore_label
-        return self.dice(logits, torch.where(mask, target, 0), loss_mask=mask)
+    def segmentation_losses(self) -> list[SegmentationLoss]:
+        return [term for term in self.terms.values() if isinstance(term, SegmentationLoss)]
 
 
 class DeepSupervisedLoss(nn.Module):
-    """Applies a loss to every deep-supervision output with fixed weights (zero weights skipped).
+    """Applies `LossTerms` to every deep-supervision output with fixed weights (zero weights skipped).
 
-    Accepts plain tensors too (deep supervision disabled). Keeps the weighted sum of the inner loss's `components`.
+    Accepts plain tensors too (deep supervision disabled). Keeps, as device tensors (no host synchronisation), the
+    weighted sum of the terms' `components` and `outputs_finite` (all network outputs finite), which the trainers
+    read once per epoch or only when the loss value is not finite. While `observing` is set (nnU-Net's per-epoch
+    validation), the full-resolution output is passed to each term's `observe_validation`.
     """
 
-    def __init__(self, loss: nn.Module, weights: np.ndarray | list[float]):
+    def __init__(self, loss: LossTerms, weights: np.ndarray | list[float]):
         super().__init__()
         weights = [float(w) for w in weights]
         if not any(w != 0 for w in weights):
             raise ValueError("at least one deep supervision weight must be non-zero")
         self.loss = loss
         self.weights = weights
+        self.observing = False
         self.components: dict[str, torch.Tensor] = {}
+        self.outputs_finite: torch.Tensor | None = None
 
     def forward(self, outputs, targets) -> torch.Tensor:
         if isinstance(outputs, torch.Tensor):
-            total = self.loss(outputs, targets)
-            self.components = dict(getattr(self.loss, "components", {}))
-            return total
-        if len(outputs) != len(targets) or len(outputs) > len(self.weights):
-            raise ValueError(f"got {len(outputs)} outputs and {len(targets)} targets for {len(self.weights)} "
-                             f"deep supervision weights")
+            outputs, targets, weights = [outputs], [targets], [1.0]
+        else:
+            weights = self.weights
+            if len(outputs) != len(targets) or len(outputs) > len(weights):
+                raise ValueError(f"got {len(outputs)} outputs and {len(targets)} targets for {len(weights)} "
+                                 f"deep supervision weights")
+        if self.observing:
+            with torch.no_grad():
+                for term in self.loss.segmentation_losses():
+                    term.observe_validation(outputs[0], targets[0])
         total = 0.0
         components: dict[str, torch.Tensor] = {}
-        for weight, output, target in zip(self.weights, outputs, targets):
+        finite = []
+        for weight, output, target in zip(weights, outputs, targets):
             if weight == 0:
                 continue
             total = total + weight * self.loss(output, target)
-            for name, value in getattr(self.loss, "components", {}).items():
+            for name, value in self.loss.components.items():
                 components[name] = components.get(name, 0.0) + weight * value
+            finite.append(torch.isfinite(output).all())
         self.components = components
+        self.outputs_finite = torch.stack(finite).all()
         return total
 
+    def segmentation_losses(self) -> list[SegmentationLoss]:
+        return self.loss.segmentation_losses()
 
-def assemble_loss(trainer, **terms: tuple[float, nn.Module]) -> nn.Module:
+
+def assemble_loss(trainer, terms: dict[str, tuple[float, nn.Module]]) -> DeepSupervisedLoss:
     """The trainer's loss from named weighted terms, with nnU-Net's deep supervision when it is enabled.
 
-    Pass `dice=(weight, None)` for nnU-Net's soft Dice configured like the default trainer's.
+    The terms' own value checks are switched off: the trainer checks labels once before training and the loss value
+    that nnU-Net copies to the host every step.
     """
-    resolved = {}
-    for name, (weight, module) in terms.items():
-        if name == "dice" and module is None:
-            module = MaskedSoftDice(batch_dice=trainer.configuration_manager.batch_dice, ddp=trainer.is_ddp,
-                                    ignore_label=trainer.label_manager.ignore_label)
-        resolved[name] = (weight, module)
-    loss = LossTerms(**resolved)
+    for term in terms.values():
+        if isinstance(term[1], SegmentationLoss):
+            term[1].check_inputs = False
+    loss = LossTerms(**terms)
     if not trainer.enable_deep_supervision:
         return DeepSupervisedLoss(loss, [1.0])
-    num_outputs = len(trainer._get_deep_supervision_scales())
-    return DeepSupervisedLoss(loss, deep_supervision_weights(num_outputs, trainer.is_ddp, trainer._do_i_compile()))
+    num_outputs = _seams.deep_supervision_output_count(trainer)
+    return DeepSupervisedLoss(loss, deep_supervision_weights(num_outputs, trainer.is_ddp,
+                                                             _seams.uses_torch_compile(trainer)))
+
+
+def soft_dice(trainer) -> MaskedSoftDice:
+    """nnU-Net's soft Dice configured like the default trainer's."""
+    return MaskedSoftDice(batch_dice=trainer.configuration_manager.batch_dice, ddp=trainer.is_ddp,
+                          ignore_label=trainer.label_manager.ignore_label)

@@ -18,7 +18,6 @@ The source folder is only read.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
 import json
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from .._atomic import atomic_path, write_json_atomic
+from . import _seams
 from .temperature import FINAL_CHECKPOINT, TEMPERATURE_FILE, PathLike, TrainedModel
 
 BASE_TRAINER = "nnUNetTrainer"
@@ -51,17 +51,10 @@ class PlainNetwork:
 
     @classmethod
     def build(cls, model: TrainedModel) -> PlainNetwork:
-        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-        plans_manager = PlansManager(str(model.folder / "plans.json"))
+        plans_manager = _seams.PlansManager(str(model.folder / "plans.json"))
         dataset_json = json.loads((model.folder / "dataset.json").read_text())
+        network, num_inputs = _seams.plain_network(plans_manager, model.configuration, dataset_json)
         configuration = plans_manager.get_configuration(model.configuration)
-        num_inputs = determine_num_input_channels(plans_manager, configuration, dataset_json)
-        num_outputs = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
-        network = nnUNetTrainer.build_network_architecture(plans_manager, configuration, num_inputs, num_outputs,
-                                                           enable_deep_supervision=False)
         total_stride = np.prod(np.array(configuration.pool_op_kernel_sizes), axis=0)
         return cls(network, num_inputs, tuple(int(2 * stride) for stride in total_stride))
 
@@ -76,11 +69,7 @@ class PlainNetwork:
 
     def final_layer_prefix(self) -> str:
         """State-dict prefix of the layer that computes the full-resolution logits, e.g. 'decoder.seg_layers.4.'."""
-        seg_layers = getattr(getattr(self.network, "decoder", None), "seg_layers", None)
-        if not isinstance(seg_layers, torch.nn.ModuleList) or len(seg_layers) == 0:
-            raise ValueError(f"{type(self.network).__name__} has no decoder.seg_layers, so the layer to fold the "
-                             f"temperature into is unknown; export without --temperature")
-        return f"decoder.seg_layers.{len(seg_layers) - 1}."
+        return _seams.final_layer_prefix(self.network)
 
     def fold_temperature(self, weights: dict[str, torch.Tensor], temperature: float) -> dict[str, torch.Tensor]:
         """Weights whose network outputs the original logits / T (final layer's weight and bias divided by T),
@@ -107,17 +96,14 @@ class PlainNetwork:
 @functools.cache
 def check_trainer_keeps_network(trainer_name: str) -> None:
     """Refuse a trainer that nnU-Net cannot find, or one that overrides build_network_architecture."""
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-
     try:
-        trainer_class = recursive_find_trainer_class_by_name(trainer_name)
+        trainer_class = _seams.find_trainer_class(trainer_name)
     except RuntimeError:
         raise RuntimeError(f"nnU-Net cannot find trainer {trainer_name}, so it cannot be checked to keep nnU-Net's "
                            f"network: export where the model was trained, with nnUNet_extTrainer naming the folder "
                            f"with {trainer_name} (for this plugin's trainers: `nnunet-margin trainers-path`)") from None
     owner = next(cls for cls in trainer_class.__mro__ if "build_network_architecture" in vars(cls))
-    if owner is not nnUNetTrainer:
+    if owner is not _seams.nnUNetTrainer:
         raise ValueError(f"{trainer_name} builds its own network ({owner.__module__}.{owner.__name__} overrides "
                          f"build_network_architecture), so plain nnU-Net's {BASE_TRAINER} may not rebuild it: a "
                          f"portable copy is only valid for trainers that keep nnU-Net's network")
@@ -188,28 +174,3 @@ def export_portable(model_folder: PathLike, out_folder: PathLike, temperature: b
                             "folds": [fold.name for fold in fold_folders], "temperatures_folded_in": temperatures}
     write_json_atomic(destination / EXPORT_INFO_FILE, info)
     return destination
-
-
-def _run_export_portable(args: argparse.Namespace) -> int:
-    exported = TrainedModel.load(export_portable(args.model_folder, args.out, args.temperature, args.folds))
-    print(f"wrote {exported.folder}\npredict with plain nnU-Net:\n  nnUNet_results={Path(args.out).resolve()} "
-          f"nnUNetv2_predict -d {exported.dataset_name} -c {exported.configuration} -p {exported.plans} "
-          f"-tr {BASE_TRAINER} -i INPUT -o OUTPUT")
-    return 0
-
-
-def add_export_portable_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """`export-portable MODEL_FOLDER OUT [--temperature] [-f FOLDS...]`; sets func=handler(args)."""
-    parser = subparsers.add_parser("export-portable", help="copy a trained model so that plain nnU-Net (without "
-                                                           "this plugin) loads it, as trainer nnUNetTrainer",
-                                   description=__doc__.split("\n\n")[0])
-    parser.add_argument("model_folder", help="trained model folder nnUNet_results/DatasetXXX/TRAINER__PLANS__CONF")
-    parser.add_argument("out", help="an nnUNet_results-style root: the copy goes to "
-                                    "OUT/DatasetXXX/nnUNetTrainer__PLANS__CONF")
-    parser.add_argument("--temperature", action="store_true",
-                        help="fold each fold's fitted temperature (fold_X/temperature.json from fit-temperature) "
-                             "into its final layer")
-    parser.add_argument("-f", "--folds", nargs="+", default=None,
-                        help="folds to export (default: every fold_X with checkpoint_final.pth)")
-    parser.set_defaults(func=_run_export_portable)
-    return parser

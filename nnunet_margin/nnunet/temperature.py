@@ -9,7 +9,6 @@ metrics before and after. It works for any trainer, nnU-Net's own included. `nnu
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import multiprocessing
@@ -211,26 +210,3 @@ def temperature_table(records: dict[str, dict[str, Any]]) -> str:
         cells += [_before_after(record["before"][name], record["after"][name]) for name in _REPORTED_METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _run_fit_temperature(args: argparse.Namespace) -> int:
-    records = fit_model_temperatures(args.model_folder, args.folds, args.scope, args.num_processes)
-    print(temperature_table(records), end="")
-    print(f"wrote {TEMPERATURE_FILE} into " + ", ".join(str(Path(args.model_folder) / fold) for fold in records))
-    return 0
-
-
-def add_fit_temperature_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """`fit-temperature MODEL_FOLDER [-f FOLDS...] [--scope foreground|crop] [-np N]`; sets func=handler(args)."""
-    parser = subparsers.add_parser("fit-temperature", help="fit a post-hoc temperature per fold on its validation "
-                                                           "probabilities (writes fold_X/temperature.json)",
-                                   description=__doc__.split("\n\n")[0])
-    parser.add_argument("model_folder", help="trained model folder nnUNet_results/DatasetXXX/TRAINER__PLANS__CONF")
-    parser.add_argument("-f", "--folds", nargs="+", default=None,
-                        help="folds to fit (default: every fold_X with checkpoint_final.pth)")
-    parser.add_argument("--scope", choices=SCOPES, default="foreground",
-                        help="voxels the temperature is fitted and measured on (default: foreground)")
-    parser.add_argument("-np", "--num-processes", dest="num_processes", type=int, default=1,
-                        help="cases read in parallel (default: 1)")
-    parser.set_defaults(func=_run_fit_temperature)
-    return parser

@@ -1,11 +1,12 @@
 """Calibration metrics during nnU-Net's final validation, from the full-resolution probabilities of the export.
 
 nnU-Net's `perform_actual_validation` hands every case's logits to `export_prediction_from_logits` in worker
-processes, which resample them to full resolution. `measuring_calibration` swaps that function (a module global of
-nnUNetTrainer.py) for `export_and_measure` while the validation runs: the same export, plus calibration statistics
-against the ground truth, written per case to a scratch folder and merged into `validation/calibration.json` and
-`validation/reliability.png` once all ranks are done. No `.npz` is written unless nnU-Net was asked to (`--npz`),
-and the statistics need no more memory than nnU-Net's export itself (softmax over slabs of the resampled logits).
+processes, which resample them to full resolution. `measuring_calibration` hands them to `export_and_measure`
+instead while the validation runs (seam `validation_export`), which calls nnU-Net's own export once and measures the
+resampled logits it passes to the arg-max (seam `export_hook`): calibration statistics against the ground truth,
+written per case to a scratch folder and merged into `validation/calibration.json` and `validation/reliability.png`
+once all ranks are done. No `.npz` is written unless nnU-Net was asked to (`--npz`), and the statistics need no
+more memory than nnU-Net's export itself (softmax over slabs of the resampled logits).
 """
 
 from __future__ import annotations
@@ -17,65 +18,43 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from nnunetv2.configuration import default_num_processes
 
 from .._atomic import write_json_atomic
 from ..calibration import CalibrationStats
-from .calibration_report import (crop_mask_from_properties, crop_to_preprocessing_frame, evaluate_case,
-                                 evaluate_logits, write_calibration_report)
+from . import _seams
+from .calibration_report import crop_to_preprocessing_frame, evaluate_logits, write_calibration_report
 
 SCRATCH_FOLDER = ".calibration_cases"
 
 
 def export_and_measure(predicted_logits, properties: dict, configuration_manager, plans_manager, dataset_json,
                        output_file_truncated: str, save_probabilities: bool = False,
-                       num_threads_torch: int = default_num_processes, *, gt_folder: str, scratch_folder: str) -> None:
-    """nnU-Net's export (segmentation, and .npz/.pkl when asked) plus per-case calibration statistics.
-
-    Without `save_probabilities` the statistics come from the resampled logits inside the crop box, where nnU-Net
-    takes its arg-max, so no full-size probability array is made; with it, from the probabilities nnU-Net exports.
-    """
-    from batchgenerators.utilities.file_and_folder_operations import save_pickle
-    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
-
-    label_manager = plans_manager.get_label_manager(dataset_json)
+                       num_threads_torch: int = _seams.default_num_processes, *, gt_folder: str,
+                       scratch_folder: str) -> None:
+    """nnU-Net's own export of one validation case (segmentation, and .npz/.pkl with --npz), plus calibration
+    statistics of the resampled logits inside the crop box, where nnU-Net takes its arg-max (softmax over slabs, so
+    no full-size probability array is made), written to the scratch folder."""
     reader_writer = plans_manager.image_reader_writer_class()
     case = Path(output_file_truncated).name
     ground_truth = reader_writer.read_seg(str(Path(gt_folder) / (case + dataset_json["file_ending"])))[0][0]
-    ground_truth = ground_truth.astype(np.int64)
-    ignore_label = label_manager.ignore_label
-    if save_probabilities:
-        segmentation, probabilities = convert_predicted_logits_to_segmentation_with_correct_shape(
-            predicted_logits, plans_manager, configuration_manager, label_manager, properties,
-            return_probabilities=True, num_threads_torch=num_threads_torch)
-        np.savez_compressed(output_file_truncated + ".npz", probabilities=probabilities)
-        save_pickle(properties, output_file_truncated + ".pkl")
-        crop_mask = crop_mask_from_properties(properties, plans_manager.transpose_backward)
-        stats = evaluate_case(probabilities, ground_truth, crop_mask=crop_mask, ignore_label=ignore_label)
-    else:
-        cropped_truth = crop_to_preprocessing_frame(ground_truth, properties, plans_manager.transpose_forward)
-        segment = label_manager.convert_logits_to_segmentation
-        measured = {}
+    cropped_truth = crop_to_preprocessing_frame(ground_truth.astype(np.int64), properties,
+                                                plans_manager.transpose_forward)
+    ignore_label = plans_manager.get_label_manager(dataset_json).ignore_label
+    measured = {}
 
-        def measure_then_segment(resampled_logits):
-            measured.update(evaluate_logits(resampled_logits, cropped_truth, ignore_label=ignore_label))
-            return segment(resampled_logits)
+    def measure(resampled_logits):
+        measured.update(evaluate_logits(resampled_logits, cropped_truth, ignore_label=ignore_label))
 
-        label_manager.convert_logits_to_segmentation = measure_then_segment  # this call's own label manager
-        segmentation = convert_predicted_logits_to_segmentation_with_correct_shape(
-            predicted_logits, plans_manager, configuration_manager, label_manager, properties,
-            return_probabilities=False, num_threads_torch=num_threads_torch)
-        stats = measured
-    del predicted_logits
-    reader_writer.write_seg(segmentation, output_file_truncated + dataset_json["file_ending"], properties)
-    write_json_atomic(Path(scratch_folder) / f"{case}.json", {scope: s.to_dict() for scope, s in stats.items()})
+    _seams.export_prediction_observing_logits(measure, predicted_logits, properties, configuration_manager,
+                                              plans_manager, dataset_json, output_file_truncated, save_probabilities,
+                                              num_threads_torch)
+    write_json_atomic(Path(scratch_folder) / f"{case}.json", {scope: s.to_dict() for scope, s in measured.items()})
 
 
 @contextmanager
 def measuring_calibration(trainer):
     """Within the block, nnU-Net's validation export also measures calibration (see the module docstring)."""
     import torch.distributed as dist
-    from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
 
     scratch = Path(trainer.output_folder) / "validation" / SCRATCH_FOLDER
     if trainer.local_rank == 0:
@@ -83,14 +62,11 @@ def measuring_calibration(trainer):
         scratch.mkdir(parents=True)
     if trainer.is_ddp:
         dist.barrier()
-    original = trainer_module.export_prediction_from_logits
-    trainer_module.export_prediction_from_logits = functools.partial(
-        export_and_measure, gt_folder=str(Path(trainer.preprocessed_dataset_folder_base) / "gt_segmentations"),
-        scratch_folder=str(scratch))
-    try:
+    export = functools.partial(export_and_measure,
+                               gt_folder=str(Path(trainer.preprocessed_dataset_folder_base) / "gt_segmentations"),
+                               scratch_folder=str(scratch))
+    with _seams.validation_export_replaced(export):
         yield scratch
-    finally:
-        trainer_module.export_prediction_from_logits = original
 
 
 def write_validation_report(trainer, scratch: Path) -> dict:
