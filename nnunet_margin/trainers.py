@@ -11,6 +11,8 @@ A new method is one `SegmentationLoss` in `nnunet_margin.losses` and a subclass 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
@@ -22,6 +24,7 @@ from .nnunet.distributed import mean_over_ranks, on_rank_zero
 from .nnunet.label_stats import trainer_label_counts
 from .nnunet.loss_assembly import assemble_loss, soft_dice
 from .nnunet.margin_record import compute_fold_record, record_from_checkpoint_extras, write_record
+from .nnunet.provenance import FINAL_CHECKPOINT, record_validation
 from .nnunet.validation import measuring_calibration, write_validation_report
 
 CHECKPOINT_KEY = "nnunet_margin"
@@ -30,8 +33,12 @@ CHECKPOINT_KEY = "nnunet_margin"
 class nnUNetTrainerWithCalibration(nnUNetTrainer):
     """nnU-Net's default trainer plus calibration metrics in the final validation (the baseline for comparisons).
 
-    Writes validation/calibration.json and validation/reliability.png.
+    Writes validation/calibration.json, validation/reliability.png and validation/provenance.json (the checkpoint
+    the validated network came from). The plugin's additions to a checkpoint go under the key `nnunet_margin`;
+    checkpoints are read once and written once, atomically.
     """
+
+    network_checkpoint: str | None = FINAL_CHECKPOINT  # the file the network's weights came from (see load_checkpoint)
 
     def initialize(self):
         if self.label_manager.has_regions:
@@ -45,6 +52,8 @@ class nnUNetTrainerWithCalibration(nnUNetTrainer):
         with measuring_calibration(self) as scratch:
             super().perform_actual_validation(save_probabilities)
         if self.local_rank == 0:
+            if self.network_checkpoint is not None and (Path(self.output_folder) / self.network_checkpoint).is_file():
+                record_validation(self.output_folder, self.network_checkpoint)
             report = write_validation_report(self, scratch)
             foreground = report["summary"]["foreground"]["pooled"]  # None where no voxel was foreground
             metrics = ", ".join(f"{label} {'n/a' if foreground[key] is None else f'{foreground[key]:.4f}'}"
@@ -53,6 +62,38 @@ class nnUNetTrainerWithCalibration(nnUNetTrainer):
             self.print_to_log_file(f"Calibration (foreground, pooled over cases): {metrics}; see "
                                    f"validation/calibration.json and validation/reliability.png",
                                    also_print_to_console=True)
+
+    def on_train_end(self):
+        super().on_train_end()  # saves checkpoint_final.pth from the network in memory
+        self.network_checkpoint = FINAL_CHECKPOINT
+
+    def checkpoint_extras(self) -> dict:
+        """What the plugin adds to every checkpoint (under the key `nnunet_margin`)."""
+        return {}
+
+    def restore_checkpoint_extras(self, extras: dict) -> None:
+        """Called after nnU-Net's load_checkpoint with what `checkpoint_extras` stored (empty for old checkpoints)."""
+
+    def before_loading_checkpoint(self, extras: dict) -> None:
+        """Called with the checkpoint's extras before nnU-Net's load_checkpoint, which may build the loss."""
+
+    def save_checkpoint(self, filename: str) -> None:
+        if self.local_rank != 0 or self.disable_checkpointing:
+            super().save_checkpoint(filename)  # writes nothing here, but logs as nnU-Net does
+            return
+        _seams.save_checkpoint_with(super().save_checkpoint, filename, {CHECKPOINT_KEY: self.checkpoint_extras()})
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        if isinstance(filename_or_checkpoint, dict):
+            checkpoint, name = filename_or_checkpoint, None
+        else:
+            checkpoint = torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
+            name = Path(filename_or_checkpoint).name
+        extras = checkpoint.get(CHECKPOINT_KEY) or {}
+        self.before_loading_checkpoint(extras)
+        _seams.load_checkpoint_once(super().load_checkpoint, checkpoint, name or "(dict)")
+        self.restore_checkpoint_extras(extras)
+        self.network_checkpoint = name
 
 
 class LossTermsTrainer(nnUNetTrainerWithCalibration):
@@ -147,33 +188,13 @@ class LossTermsTrainer(nnUNetTrainerWithCalibration):
             self.print_to_log_file(line)
 
     def checkpoint_extras(self) -> dict:
-        """What the plugin adds to every checkpoint (under the key `nnunet_margin`)."""
-        return {"loss_state": {name: value.cpu() for name, value in self.loss.state_dict().items()}}
+        return {**super().checkpoint_extras(),
+                "loss_state": {name: value.cpu() for name, value in self.loss.state_dict().items()}}
 
     def restore_checkpoint_extras(self, extras: dict) -> None:
-        """Called after nnU-Net's load_checkpoint with what `checkpoint_extras` stored (empty for old checkpoints)."""
+        super().restore_checkpoint_extras(extras)
         if "loss_state" in extras:
             self.loss.load_state_dict(extras["loss_state"])
-
-    def save_checkpoint(self, filename: str) -> None:
-        if self.local_rank != 0 or self.disable_checkpointing:
-            super().save_checkpoint(filename)  # writes nothing here, but logs as nnU-Net does
-            return
-        _seams.save_checkpoint_with(super().save_checkpoint, filename, {CHECKPOINT_KEY: self.checkpoint_extras()})
-
-    def load_checkpoint(self, filename_or_checkpoint) -> None:
-        if isinstance(filename_or_checkpoint, dict):
-            checkpoint, name = filename_or_checkpoint, "(dict)"
-        else:
-            checkpoint = torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
-            name = str(filename_or_checkpoint)
-        extras = checkpoint.get(CHECKPOINT_KEY) or {}
-        self.before_loading_checkpoint(extras)
-        _seams.load_checkpoint_once(super().load_checkpoint, checkpoint, name)
-        self.restore_checkpoint_extras(extras)
-
-    def before_loading_checkpoint(self, extras: dict) -> None:
-        """Called with the checkpoint's extras before nnU-Net's load_checkpoint, which may build the loss."""
 
 
 class nnUNetTrainerMarginCalib(LossTermsTrainer):
@@ -214,12 +235,13 @@ class nnUNetTrainerMarginCalib(LossTermsTrainer):
         # Before nnU-Net's load_checkpoint, which initialises the trainer and so builds the loss: --c and --val then
         # use the recorded offsets and never recount labels (the data or the split may have changed since).
         recorded = record_from_checkpoint_extras(extras, self.output_folder)
-        if recorded is not None:
-            self.print_to_log_file("Using the margin offsets recorded with the checkpoint.")
-            if self.was_initialized and recorded != self.margin_record:
-                self.margin_record = recorded
-                self.loss = self._build_loss()
-            self.margin_record = recorded
+        if recorded is None:
+            return
+        self.print_to_log_file("Using the margin offsets recorded with the checkpoint.")
+        rebuild = self.was_initialized and recorded != self.margin_record
+        self.margin_record = recorded
+        if rebuild:
+            self.loss = self._build_loss()
 
 
 class nnUNetTrainerMarginCalibDice(nnUNetTrainerMarginCalib):

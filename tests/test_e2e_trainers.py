@@ -59,7 +59,9 @@ def test_margin_calibration_train_validate_resume_predict(nnunet_env, tmp_path):
     np.testing.assert_allclose(record["rho_0k"], expected.rho_0k.numpy(), rtol=1e-12)
     np.testing.assert_allclose(record["rho_k0"], expected.rho_k0.numpy(), rtol=1e-12)
     checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    assert checkpoint["nnunet_margin"] == record
+    assert checkpoint["nnunet_margin"]["margin_record"] == record
+    torch.testing.assert_close(checkpoint["nnunet_margin"]["loss_state"]["loss.terms.margin_calibration.rho_0k"],
+                               torch.tensor(record["rho_0k"], dtype=torch.float64))
     assert checkpoint["trainer_name"] == trainer
     assert (nnunet_env.preprocessed / "nnunet_margin_label_counts_nnUNetPlans_3d_fullres.json").is_file()
 

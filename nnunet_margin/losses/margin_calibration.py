@@ -1,7 +1,8 @@
 """Distribution-aware Margin Calibration (Yu et al., AAAI 2021; IJCV 2022).
 
-Reference: Z. Yu, W. Li, D. Xu, S. Gao, W. Luo, Y. Zhang. "Distribution-aware Margin Calibration for Semantic
-Segmentation in Images", IJCV 130, 2022 (and the AAAI 2021 paper for medical image segmentation).
+Reference: L. Yu, Z. Li, M. Xu, Y. Gao, J. Luo, J. Zhang. "Distribution-aware Margin Calibration for Semantic
+Segmentation in Images", IJCV 130(1):95-110, 2022; Z. Li, L. Yu, J. Zhang, "Distribution-aware Margin Calibration for
+Medical Image Segmentation", AAAI 2021.
 The formulas follow docs/methods.md section 1; the released code's BCE form is the default.
 """
 

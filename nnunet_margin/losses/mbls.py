@@ -1,7 +1,8 @@
 """Margin-based Label Smoothing, MbLS (Liu, Ben Ayed, Galdran, Dolz; CVPR 2022, MedIA 2023).
 
 Reference: B. Liu, I. Ben Ayed, A. Galdran, J. Dolz. "The Devil is in the Margin: Margin-based Label Smoothing for
-Network Calibration", CVPR 2022; "Calibrating Segmentation Networks with Margin-based Label Smoothing", MedIA 2023.
+Network Calibration", CVPR 2022; B. Murugesan, B. Liu, A. Galdran, I. Ben Ayed, J. Dolz, "Calibrating Segmentation
+Networks with Margin-based Label Smoothing", MedIA 2023.
 The formulas follow docs/methods.md section 2.
 """
 
