@@ -100,13 +100,17 @@ def _calibration_command(args: argparse.Namespace) -> int:
 
 def _compare_command(args: argparse.Namespace) -> int:
     from ._atomic import atomic_path
-    from .nnunet.calibration_report import compare_reports
+    from .calibration.comparison import csv_table
+    from .nnunet.compare import compare, printed_table, write_comparison
 
-    markdown, table = compare_reports(args.results_dirs)
-    print(markdown, end="")
+    comparison, methods = compare(args.methods, args.baseline)
+    print(printed_table(comparison), end="")
+    if args.output_folder:
+        write_comparison(comparison, methods, args.output_folder)
+        print(f"wrote report.md, table.csv, table.tex and compare.png into {args.output_folder}")
     if args.csv:
         with atomic_path(args.csv) as temporary:
-            temporary.write_text(table)
+            temporary.write_text(csv_table(comparison))
     return 0
 
 
@@ -128,6 +132,33 @@ def _export_portable_command(args: argparse.Namespace) -> int:
           f"nnUNetv2_predict -d {exported.dataset_name} -c {exported.configuration} -p {exported.plans} "
           f"-tr {BASE_TRAINER} -i INPUT -o OUTPUT")
     return 0
+
+
+def _benchmark_command(args: argparse.Namespace) -> int:
+    from .nnunet.benchmark import BenchmarkSettings, run_benchmark
+
+    device = args.device or ("cuda" if args.gpus else _default_device())
+    settings = BenchmarkSettings(
+        dataset=args.dataset, configuration=args.configuration, trainers=args.trainers, folds=args.folds,
+        plans=args.plans, baseline=args.baseline, post_hoc=args.post_hoc,
+        test_images=Path(args.test_images) if args.test_images else None,
+        test_labels=Path(args.test_labels) if args.test_labels else None, repeats=args.repeats, device=device,
+        gpus=args.gpus)
+    run_benchmark(settings, dry_run=args.dry_run)
+    return 0
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,9 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="cases evaluated in parallel (default: 1)")
     sub.set_defaults(func=_calibration_command)
 
-    sub = commands.add_parser("compare", help="compare calibration reports of several trainers as a table")
-    sub.add_argument("results_dirs", nargs="+", metavar="RESULTS_DIR",
-                     help="a folder with calibration.json, or a trainer/fold folder with */validation/ below it")
+    sub = commands.add_parser("compare", help="the papers' comparison table of methods: mean ± std, sum of ranks, "
+                                              "bootstrap CIs, Wilcoxon tests against a baseline, figure")
+    sub.add_argument("methods", nargs="+", metavar="[NAME=]FOLDER",
+                     help="a model folder (its folds' validation/calibration.json), a fold, validation or prediction "
+                          "folder with calibration.json; NAME= names the method (default: the trainer)")
+    sub.add_argument("--baseline", default=None, metavar="NAME",
+                     help="method the others are tested against (paired Wilcoxon signed-rank test per metric)")
+    sub.add_argument("-o", "--output-folder", dest="output_folder", default=None,
+                     help="write report.md, table.csv, table.tex and compare.png there")
     sub.add_argument("--csv", default=None, metavar="FILE", help="also write the table as CSV")
     sub.set_defaults(func=_compare_command)
 
@@ -193,6 +230,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("-f", "--folds", nargs="+", default=None,
                      help="folds to export (default: every fold_X with checkpoint_final.pth)")
     sub.set_defaults(func=_export_portable_command)
+
+    sub = commands.add_parser("benchmark", help="train, validate, (post-hoc calibrate, test) and compare several "
+                                                "methods on the same folds; resumable; --dry-run lists the commands")
+    sub.add_argument("dataset", help="dataset name or id")
+    sub.add_argument("-c", "--configuration", required=True, help="nnU-Net configuration, e.g. 3d_fullres")
+    sub.add_argument("-tr", "--trainers", nargs="+", required=True, metavar="TRAINER",
+                     help="trainers to compare (plugin trainers and nnU-Net's own, e.g. nnUNetTrainer)")
+    sub.add_argument("-f", "--folds", nargs="+", default=["0", "1", "2", "3", "4"], help="folds (default 0-4)")
+    sub.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    sub.add_argument("--baseline", default=None, metavar="TRAINER", help="trainer the others are tested against")
+    sub.add_argument("--post-hoc", dest="post_hoc", nargs="+", default=[], choices=["temperature"],
+                     help="post-hoc calibration fitted per fold and evaluated on the test set")
+    sub.add_argument("--test-images", default=None, metavar="DIR", help="held-out images (imagesTs layout)")
+    sub.add_argument("--test-labels", default=None, metavar="DIR", help="their reference segmentations")
+    sub.add_argument("--repeats", type=_positive_int, default=1,
+                     help="train everything N times (repeats 2.. into their own results roots) for the spread")
+    sub.add_argument("--gpus", nargs="+", default=[], metavar="GPU",
+                     help="run one job per listed GPU at a time (CUDA_VISIBLE_DEVICES)")
+    sub.add_argument("-device", "--device", default=None, choices=["cuda", "cpu"],
+                     help="device for nnU-Net (default: cuda if available)")
+    sub.add_argument("--dry-run", action="store_true", help="print the pending commands and stop")
+    sub.set_defaults(func=_benchmark_command)
     return parser
 
 
