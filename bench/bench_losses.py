@@ -3,8 +3,12 @@
 Same logits, same targets, same run. Prints ratios (plugin / default); time is the median of several runs, memory the
 peak bytes of tensor storage that the loss allocates beyond its inputs (the logits' .grad included for every loss),
 in units of one logits-sized float32 buffer. Shapes: 2 x K x 64^3 with K = 4 and 14 on the CPU, 2 x K x 128^3 on a GPU.
+The package's losses run as the trainers run them, with `check_inputs = False` (`--check-inputs` turns the
+asynchronous label and finiteness asserts back on; their isfinite(logits) costs a few passes over the logits).
 Goals (issues 2 and 3): margin calibration <= 1.5x the default's time and at most one extra logits-sized buffer;
-MbLS <= 1.2x the default's time and no buffer beyond what cross-entropy needs.
+MbLS <= 1.2x the default's time and no buffer beyond what cross-entropy needs. The compared methods
+(docs/methods.md 4): pointwise losses (focal, label smoothing, ECP, CALS) <= 1.2x the default's time; neighbourhood
+and binned losses (SVLS, NACL, hard and soft L1-ACE) <= 2x; none more than two extra logits-sized buffers.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import median_seconds, peak_extra_bytes  # noqa: E402
 
-from nnunet_margin.losses import MarginCalibrationLoss, MbLSLoss, margin_offsets  # noqa: E402
+from nnunet_margin.losses import (CALSLoss, ConfidencePenaltyLoss, FocalLoss, HardL1ACELoss,  # noqa: E402
+                                  LabelSmoothingLoss, MarginCalibrationLoss, MbLSLoss, NACLLoss, SoftL1ACELoss,
+                                  SegmentationLoss, SVLSLoss, margin_offsets)
 
 
 def default_nnunet_loss():
@@ -38,6 +44,15 @@ def candidates(num_classes: int) -> dict:
         "plain cross-entropy": torch.nn.CrossEntropyLoss(),
         "MarginCalibrationLoss": MarginCalibrationLoss(offsets.rho_k0, offsets.rho_0k),
         "MbLSLoss": MbLSLoss(),
+        "FocalLoss": FocalLoss(),
+        "LabelSmoothingLoss": LabelSmoothingLoss(),
+        "ConfidencePenaltyLoss": ConfidencePenaltyLoss(),
+        "CALSLoss": CALSLoss(num_classes),
+        "SVLSLoss": SVLSLoss(),
+        "NACLLoss": NACLLoss(),
+        "NACLLoss gaussian": NACLLoss(kernel="gaussian"),
+        "HardL1ACELoss": HardL1ACELoss(),
+        "SoftL1ACELoss": SoftL1ACELoss(),
     }
 
 
@@ -46,6 +61,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None, help="cube edge (default 64 on CPU, 128 on GPU)")
     parser.add_argument("--classes", type=int, nargs="+", default=[4, 14])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--check-inputs", action="store_true", help="keep the losses' asynchronous input asserts on")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = args.size or (128 if device.type == "cuda" else 64)
@@ -60,6 +76,8 @@ def main() -> None:
         baseline = None
         for name, loss in candidates(num_classes).items():
             loss = loss.to(device)
+            if isinstance(loss, SegmentationLoss):
+                loss.check_inputs = args.check_inputs
             target_for = target[:, 0].long() if isinstance(loss, torch.nn.CrossEntropyLoss) else target
 
             def step(z, t, loss=loss):
