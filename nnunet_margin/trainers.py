@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .losses import MarginCalibrationLoss, MbLSLoss
+from .losses import (CALSLoss, ConfidencePenaltyLoss, FocalLoss, HardL1ACELoss, LabelSmoothingLoss, MarginCalibrationLoss,
+                     MbLSLoss, NACLLoss, SoftL1ACELoss, SVLSLoss)
 from .nnunet import _seams
 from .nnunet._seams import nnUNetTrainer
 from .nnunet.distributed import mean_over_ranks, on_rank_zero
@@ -324,6 +325,141 @@ class nnUNetTrainerMbLSDice_m5(nnUNetTrainerMbLSDice):
 
 class nnUNetTrainerMbLSDice_m8(nnUNetTrainerMbLSDice):
     mbls_margin = 8.0
+
+class nnUNetTrainerFocal(LossTermsTrainer):
+    """Focal loss (Lin et al., ICCV 2017): mean -(1 - p_y)^gamma log p_y, gamma 2 (docs/methods.md 4a)."""
+
+    focal_gamma: float = 2.0
+
+    def loss_terms(self):
+        return {"focal": (1.0, FocalLoss(gamma=self.focal_gamma, ignore_index=self.ignore_label))}
+
+
+class nnUNetTrainerFocalDice(nnUNetTrainerFocal):
+    dice_weight = 1.0
+
+
+class nnUNetTrainerFocal_g1(nnUNetTrainerFocal):
+    focal_gamma = 1.0
+
+
+class nnUNetTrainerFocal_g3(nnUNetTrainerFocal):
+    focal_gamma = 3.0
+
+
+class nnUNetTrainerLS(LossTermsTrainer):
+    """Label smoothing: CE against (1 - eps) onehot + eps / K, eps 0.1 (docs/methods.md 4b)."""
+
+    ls_epsilon: float = 0.1
+
+    def loss_terms(self):
+        return {"label_smoothing": (1.0, LabelSmoothingLoss(epsilon=self.ls_epsilon, ignore_index=self.ignore_label))}
+
+
+class nnUNetTrainerLSDice(nnUNetTrainerLS):
+    dice_weight = 1.0
+
+
+class nnUNetTrainerLS_e02(nnUNetTrainerLS):
+    ls_epsilon = 0.2
+
+
+class nnUNetTrainerLS_e03(nnUNetTrainerLS):
+    ls_epsilon = 0.3
+
+
+class nnUNetTrainerECP(LossTermsTrainer):
+    """Explicit confidence penalty (Pereyra et al., 2017): CE - beta * mean entropy, beta 0.1 (docs/methods.md 4c)."""
+
+    ecp_beta: float = 0.1
+
+    def loss_terms(self):
+        return {"ecp": (1.0, ConfidencePenaltyLoss(beta=self.ecp_beta, ignore_index=self.ignore_label))}
+
+
+class nnUNetTrainerECPDice(nnUNetTrainerECP):
+    dice_weight = 1.0
+
+
+class nnUNetTrainerECP_b02(nnUNetTrainerECP):
+    ecp_beta = 0.2
+
+
+class nnUNetTrainerECP_b03(nnUNetTrainerECP):
+    ecp_beta = 0.3
+
+
+class nnUNetTrainerSVLS(LossTermsTrainer):
+    """Spatially varying label smoothing (Islam & Glocker, IPMI 2021): CE against the one-hot target smoothed by a
+    3^d Gaussian kernel, sigma 1 (docs/methods.md 4d)."""
+
+    svls_sigma: float = 1.0
+
+    def loss_terms(self):
+        return {"svls": (1.0, SVLSLoss(sigma=self.svls_sigma, ignore_index=self.ignore_label))}
+
+
+class nnUNetTrainerSVLSDice(nnUNetTrainerSVLS):
+    dice_weight = 1.0
+
+
+class nnUNetTrainerNACL(LossTermsTrainer):
+    """Neighbor-aware calibration loss (Murugesan et al., MICCAI 2023): CE + alpha * mean |tau - z| with tau the
+    one-hot target under a 3^d mean filter, alpha 0.1 (docs/methods.md 4e)."""
+
+    nacl_alpha: float = 0.1
+    nacl_kernel_size: int = 3
+    nacl_kernel: str = "mean"
+    nacl_distance: str = "l1"
+
+    def loss_terms(self):
+        return {"nacl": (1.0, NACLLoss(alpha=self.nacl_alpha, kernel_size=self.nacl_kernel_size,
+                                       kernel=self.nacl_kernel, distance=self.nacl_distance,
+                                       ignore_index=self.ignore_label))}
+
+
+class nnUNetTrainerNACLDice(nnUNetTrainerNACL):
+    dice_weight = 1.0
+
+
+class nnUNetTrainerHardL1ACE(LossTermsTrainer):
+    """Marginal L1 average calibration error loss (Barfoot et al., MICCAI 2024), hard binning, 20 bins: nnU-Net's
+    Dice + CE + mL1-ACE, a third each (docs/methods.md 4f)."""
+
+    dice_weight = 1 / 3
+    ace_bins: int = 20
+    ace_loss = HardL1ACELoss
+
+    def loss_terms(self):
+        return {"ce": (1 / 3, LabelSmoothingLoss(epsilon=0.0, ignore_index=self.ignore_label)),  # plain CE
+                "ace": (1 / 3, self.ace_loss(num_bins=self.ace_bins, ignore_index=self.ignore_label))}
+
+
+class nnUNetTrainerSoftL1ACE(nnUNetTrainerHardL1ACE):
+    """As nnUNetTrainerHardL1ACE with soft (interpolated) binning."""
+
+    ace_loss = SoftL1ACELoss
+
+
+class nnUNetTrainerCALS(LossTermsTrainer):
+    """Class-adaptive label smoothing (Liu et al., CVPR 2023): CE + an augmented-Lagrangian margin penalty with one
+    multiplier per class, updated from each epoch's validation logits, margin 20 (docs/methods.md 4g). The
+    multipliers are kept in the checkpoints (`--c` resumes them), averaged over DDP ranks, and their mean and max
+    are logged every epoch."""
+
+    cals_margin: float = 20.0
+
+    def loss_terms(self):
+        return {"cals": (1.0, CALSLoss(self.label_manager.num_segmentation_heads, margin=self.cals_margin,
+                                       ignore_index=self.ignore_label))}
+
+
+class nnUNetTrainerCALSDice(nnUNetTrainerCALS):
+    dice_weight = 1.0
+
+
+class nnUNetTrainerCALS_m10(nnUNetTrainerCALS):
+    cals_margin = 10.0
 
 
 __all__ = [name for name, value in dict(globals()).items()

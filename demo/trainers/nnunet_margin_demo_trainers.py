@@ -8,12 +8,15 @@ import os
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_margin.trainers import (nnUNetTrainerMarginCalib, nnUNetTrainerMarginCalibDice, nnUNetTrainerMbLS,
-                                    nnUNetTrainerMbLSDice, nnUNetTrainerWithCalibration)
+from nnunet_margin.trainers import (nnUNetTrainerCALS, nnUNetTrainerECP, nnUNetTrainerFocal, nnUNetTrainerHardL1ACE,
+                                    nnUNetTrainerLS, nnUNetTrainerMarginCalib, nnUNetTrainerMarginCalibDice,
+                                    nnUNetTrainerMbLS, nnUNetTrainerMbLSDice, nnUNetTrainerNACL,
+                                    nnUNetTrainerSoftL1ACE, nnUNetTrainerSVLS, nnUNetTrainerWithCalibration)
 
 
 class ShortSchedule:
-    """Mixin: `num_epochs` epochs of a few iterations each (set NNUNET_MARGIN_DEMO_EPOCHS to change the count)."""
+    """Mixin: `num_epochs` epochs of a few iterations each (set NNUNET_MARGIN_DEMO_EPOCHS and _ITERATIONS to change
+    them), and no test-time mirroring (8x faster validation and prediction on the CPU)."""
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -21,26 +24,19 @@ class ShortSchedule:
         self.num_iterations_per_epoch = int(os.environ.get("NNUNET_MARGIN_DEMO_ITERATIONS", "2"))
         self.num_val_iterations_per_epoch = 1
 
-
-class nnUNetTrainerMarginCalib_demo(ShortSchedule, nnUNetTrainerMarginCalib):
-    pass
-
-
-class nnUNetTrainerMarginCalibDice_demo(ShortSchedule, nnUNetTrainerMarginCalibDice):
-    pass
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        rotation, dummy_2d, initial_patch_size, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        self.inference_allowed_mirroring_axes = None  # as nnU-Net's nnUNetTrainerNoMirroring
+        return rotation, dummy_2d, initial_patch_size, None
 
 
-class nnUNetTrainerMbLS_demo(ShortSchedule, nnUNetTrainerMbLS):
-    pass
+def _short(trainer: type) -> type:
+    return type(f"{trainer.__name__}_demo", (ShortSchedule, trainer), {"__module__": __name__})
 
 
-class nnUNetTrainerMbLSDice_demo(ShortSchedule, nnUNetTrainerMbLSDice):
-    pass
-
-
-class nnUNetTrainerWithCalibration_demo(ShortSchedule, nnUNetTrainerWithCalibration):
-    pass
-
-
-class nnUNetTrainer_demo(ShortSchedule, nnUNetTrainer):
-    """nnU-Net's own trainer on the same short schedule (the baseline for `nnunet-margin calibration`)."""
+# nnU-Net finds trainers by class name in this module's namespace.
+for _trainer in (nnUNetTrainer, nnUNetTrainerWithCalibration, nnUNetTrainerMarginCalib, nnUNetTrainerMarginCalibDice,
+                 nnUNetTrainerMbLS, nnUNetTrainerMbLSDice, nnUNetTrainerFocal, nnUNetTrainerLS, nnUNetTrainerECP,
+                 nnUNetTrainerSVLS, nnUNetTrainerNACL, nnUNetTrainerHardL1ACE, nnUNetTrainerSoftL1ACE,
+                 nnUNetTrainerCALS):
+    globals()[f"{_trainer.__name__}_demo"] = _short(_trainer)
