@@ -469,20 +469,24 @@ def test_monai_bins_values_on_an_edge_like_ours():
 # --- equal-mass bins --------------------------------------------------------------------------------------------------
 
 def equal_mass_reference(values: np.ndarray, hit: np.ndarray, n_bins: int) -> tuple[float, ...]:
-    """(ECE, MCE, ACE) with exact equal-mass bins: the voxel of rank r of N goes to bin floor(n_bins * r / N)."""
-    rank = np.empty(len(values), dtype=np.int64)
-    rank[np.argsort(values, kind="stable")] = np.arange(len(values))
-    return errors_of_bins(values, hit, n_bins * rank // len(values), n_bins)
+    """(ECE, MCE, ACE) with equal-mass bins: the voxel of rank r of N (ascending value) goes to bin
+    floor(n_bins * r / N); equal values share the bin of the first of them."""
+    first_rank = np.searchsorted(np.sort(values), values, side="left")
+    return errors_of_bins(values, hit, n_bins * first_rank // len(values), n_bins)
 
 
-def binary_inputs_in_distinct_fine_bins(num_voxels: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """K = 2 voxels whose probabilities sit at the centres of distinct bins of the fine log-odds grid (so exact
-    equal-mass bins can be formed from it), spread over [0.5, 1 - 1e-6] like segmentation confidences."""
+def binary_inputs_on_fine_bin_centres(num_voxels: int, seed: int, num_fine_bins: int | None = None):
+    """K = 2 voxels whose probabilities sit at centres of bins of the fine log-odds grid, spread over
+    [0.5, 1 - 1e-6] like segmentation confidences: each in a fine bin of its own (num_fine_bins None), or drawn with
+    repeats from num_fine_bins fine bins (so several voxels share one)."""
     rng = np.random.default_rng(seed)
     limit, fine = stats_module.EQUAL_MASS_LOGIT_LIMIT, stats_module.EQUAL_MASS_FINE_BINS
     width = 2 * limit / fine
     upper_half = np.arange(fine // 2, fine - 12)  # log-odds 0 .. ~14
-    chosen = rng.choice(upper_half, size=num_voxels, replace=False)
+    if num_fine_bins is None:
+        chosen = rng.choice(upper_half, size=num_voxels, replace=False)
+    else:
+        chosen = rng.choice(rng.choice(upper_half, size=num_fine_bins, replace=False), size=num_voxels)
     probability_1 = 1 / (1 + np.exp(-(-limit + (chosen + 0.5) * width)))
     flip = rng.random(num_voxels) < 0.5  # class 0 or class 1 confident
     p1 = np.where(flip, 1 - probability_1, probability_1)
@@ -491,23 +495,27 @@ def binary_inputs_in_distinct_fine_bins(num_voxels: int, seed: int) -> tuple[tor
     return probabilities, labels
 
 
-@pytest.mark.parametrize("num_voxels, n_bins", [(300, 15), (301, 15), (64, 10), (50, 1)])
-def test_equal_mass_bins_match_exact_ranks(num_voxels, n_bins):
-    probabilities, labels = binary_inputs_in_distinct_fine_bins(num_voxels, seed=num_voxels)
-    metrics = CalibrationStats(2, n_bins, binning="equal_mass").update(probabilities, labels).compute()
+@pytest.mark.parametrize("num_voxels, n_bins, num_fine_bins", [
+    (300, 15, None), (301, 15, None), (64, 10, None), (50, 1, None), (300, 15, 40), (997, 7, 23),
+])
+def test_equal_mass_bins_match_ranks(num_voxels, n_bins, num_fine_bins):
+    probabilities, labels = binary_inputs_on_fine_bin_centres(num_voxels, num_voxels, num_fine_bins)
+    stats = CalibrationStats(2, n_bins, binning="equal_mass").update(probabilities, labels)
+    metrics = stats.compute()
     p, y = probabilities.numpy(), labels.numpy()
     ece, mce, ace = equal_mass_reference(p.max(0), (p.argmax(0) == y).astype(float), n_bins)
     assert (metrics["ece"], metrics["mce"], metrics["ace"]) == pytest.approx((ece, mce, ace), rel=1e-12)
     class_errors = [equal_mass_reference(p[k], (y == k).astype(float), n_bins) for k in range(2)]
     assert metrics["class_ece"] == pytest.approx([errors[0] for errors in class_errors], rel=1e-12)
     assert metrics["class_ace"] == pytest.approx([errors[2] for errors in class_errors], rel=1e-12)
-    top = CalibrationStats(2, n_bins, binning="equal_mass").update(probabilities, labels).reliability()["top_label"]
-    np.testing.assert_array_equal(top.count, np.diff(-(-np.arange(n_bins + 1) * num_voxels // n_bins)))
-    assert top.edges[0] == 0 and top.edges[-1] == 1 and (np.diff(top.edges) > 0).all()
-    sorted_confidence = np.sort(p.max(0))
-    boundaries = -(-np.arange(1, n_bins) * num_voxels // n_bins)  # first rank of each later bin
-    assert (sorted_confidence[boundaries - 1] <= top.edges[1:-1]).all()
-    assert (top.edges[1:-1] < sorted_confidence[boundaries]).all()
+    top = stats.reliability()["top_label"]
+    assert top.edges[0] == 0 and top.edges[-1] == 1 and (np.diff(top.edges) >= 0).all()
+    if num_fine_bins is None:  # exact equal mass: bin sizes differ by at most one, edges between the ranks
+        np.testing.assert_array_equal(top.count, np.diff(-(-np.arange(n_bins + 1) * num_voxels // n_bins)))
+        sorted_confidence = np.sort(p.max(0))
+        boundaries = -(-np.arange(1, n_bins) * num_voxels // n_bins)  # first rank of each later bin
+        assert (sorted_confidence[boundaries - 1] <= top.edges[1:-1]).all()
+        assert (top.edges[1:-1] < sorted_confidence[boundaries]).all()
 
 
 def test_equal_mass_splits_confidences_next_to_one():

@@ -23,6 +23,7 @@ from .stats import (
     check_voxel_arrays,
     chunk_voxel_index,
     probability_sum_tolerance,
+    true_positions,
 )
 
 # Voxels whose log-probability differences are held (a uniform random sample beyond that): 2**22 voxels are 16 MiB
@@ -106,10 +107,10 @@ class TemperatureFit:
             chunk_probabilities, chunk_labels = flat_probabilities[:, part], flat_labels[part].to(torch.int64)
             counted = None
             if flat_mask is not None:
-                counted = flat_mask[part]
-                chunk_probabilities, chunk_labels = chunk_probabilities[:, counted], chunk_labels[counted]
-            check_probability_values(chunk_probabilities, sum_tolerance,
-                                     chunk_voxel_index(tuple(labels.shape), start, counted))
+                counted = true_positions(flat_mask[part])
+                chunk_probabilities, chunk_labels = chunk_probabilities.index_select(1, counted), chunk_labels[counted]
+            batch = part if counted is None else counted + start
+            check_probability_values(chunk_probabilities, sum_tolerance, chunk_voxel_index(tuple(labels.shape), batch))
             self._add_chunk(chunk_probabilities, chunk_labels)
         return self
 
