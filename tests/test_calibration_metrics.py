@@ -281,6 +281,37 @@ def test_bin_edges(value, dtype, n_bins, expected_bin):
     assert torch.equal(stats.state["class_count"][0], expected)
 
 
+@pytest.mark.parametrize("num_classes", [3, 130])  # uint8 and int32 paths of the first arg-max
+def test_ties_count_the_first_maximal_class_as_the_prediction(num_classes):
+    """As torch.max / numpy.argmax: among equal top probabilities the lowest class index is the prediction."""
+    probabilities = torch.full((num_classes, 4), 0.2 / (num_classes - 2), dtype=torch.float64)
+    probabilities[:2] = 0.4  # classes 0 and 1 tie at the top
+    probabilities[:, 3] = 1 / num_classes  # all classes tie
+    labels = torch.tensor([0, 1, 2, 0])
+    stats = CalibrationStats(num_classes).update(probabilities, labels)
+    assert int(stats.state["top_correct"].sum()) == 2  # voxels 0 and 3
+    expected = numpy_reference(probabilities.numpy(), labels.numpy())
+    assert stats.compute()["ece"] == pytest.approx(expected["ece"], rel=1e-12)
+
+
+def test_interleaved_accumulators_of_different_shapes():
+    """Accumulators of several class and bin numbers in turn (the cached lane offsets are shared and evicted)."""
+    settings = [(3, 15, "equal_width"), (5, 10, "equal_width"), (3, 20, "equal_mass"), (7, 15, "equal_width"),
+                (4, 15, "equal_mass"), (2, 3, "equal_width")]
+    inputs = {k: random_inputs(k, 3000, 2.0, seed=k) for k, _, _ in settings}
+    fresh = {setting: CalibrationStats(setting[0], setting[1], setting[2]).update(*inputs[setting[0]]).to_dict()
+             for setting in settings}
+    interleaved = {setting: CalibrationStats(setting[0], setting[1], setting[2]) for setting in settings}
+    for part in (slice(0, 1000), slice(1000, 3000)):
+        for setting, stats in interleaved.items():
+            probabilities, labels = inputs[setting[0]]
+            stats.update(probabilities[:, part], labels[part])
+    for setting, stats in interleaved.items():
+        assert stats.to_dict()["state"]["class_count"] == fresh[setting]["state"]["class_count"], setting
+        assert stats.compute()["ece"] == pytest.approx(CalibrationStats.from_dict(fresh[setting]).compute()["ece"],
+                                                       rel=1e-12)
+
+
 def test_one_hot_correct_predictions_are_perfectly_calibrated():
     labels = torch.tensor([0, 2, 1, 2])
     probabilities = torch.nn.functional.one_hot(labels, 3).T.float()

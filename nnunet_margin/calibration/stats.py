@@ -35,7 +35,7 @@ BINNINGS = ("equal_width", "equal_mass")
 # equal-width fine grid could not split them.
 EQUAL_MASS_FINE_BINS = 2048
 EQUAL_MASS_LOGIT_LIMIT = 16.0
-# Largest allowed |sum_k p_k - 1| of one voxel, at least; below float16/bfloat16 inputs the dtype's epsilon.
+# Allowed |sum_k p_k - 1| of a voxel; float16 and bfloat16 inputs get their dtype's epsilon where that is larger.
 PROBABILITY_SUM_TOLERANCE = 1e-3
 
 
@@ -327,10 +327,11 @@ class CalibrationStats:
 
     Bin edges differ from MONAI 1.6.1's `CalibrationErrorMetric` (20 bins by default, edges
     linspace(0, 1 + float32 eps, n_bins + 1), `torch.bucketize(right=False)`, which puts a value equal to an edge
-    into the lower bin although MONAI's docstring says [left, right)): a float32 value within about n_bins * eps
-    above an edge b / n_bins lands one bin lower there than here. MONAI also works per image and channel (one-hot y:
-    our classwise metrics per image; a single channel of the top confidence against correctness gives our top-label
-    ones) and sums in float32.
+    into the lower bin although MONAI's docstring says [left, right)): so MONAI's bins are (lower, upper] too, on
+    edges shifted up by b / n_bins * eps, and only the one or two float32 values just above an edge b / n_bins land
+    one bin lower there than here. MONAI also works per image and channel (one-hot y: our classwise metrics per
+    image; a single channel of the top confidence against correctness gives our top-label ones) and sums in
+    float32, which in a bin of millions of voxels is off in the third digit.
 
     Example::
 

@@ -73,8 +73,14 @@ def surface_voxels(mask: np.ndarray) -> np.ndarray:
 
 
 def _directed_distances(source: np.ndarray, target: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
-    """Distance in mm from every True voxel of source to the nearest True voxel of target (float64)."""
-    return ndimage.distance_transform_edt(~target, sampling=spacing)[source]
+    """Distance in mm from every True voxel of source to the nearest True voxel of target (float64), from the
+    nearest target voxel's index that the distance transform finds for every voxel: the distances themselves are
+    computed only at the source voxels (as scipy computes them, so bit for bit the same), which saves their
+    full-array computation (about a third of the time) and its float64 array."""
+    nearest = ndimage.distance_transform_edt(~target, sampling=spacing, return_distances=False, return_indices=True)
+    points = np.nonzero(source)
+    squared = sum(((nearest[axis][points] - points[axis]) * step) ** 2 for axis, step in enumerate(spacing))
+    return np.sqrt(squared)
 
 
 def surface_distances(prediction: ArrayLike, reference: ArrayLike, labels: Iterable[int],
@@ -84,7 +90,7 @@ def surface_distances(prediction: ArrayLike, reference: ArrayLike, labels: Itera
     order of `labels`; NaN where both maps lack the class, inf where exactly one does (see the module docstring).
 
     Each class's distance transforms run on the bounding box of prediction | reference (plus one voxel), which holds
-    every surface voxel of both, so the cost and the memory (~20 bytes per box voxel) follow the structure's size.
+    every surface voxel of both, so the cost and the memory (~14 bytes per box voxel) follow the structure's size.
     """
     prediction, reference = label_array(prediction, "prediction"), label_array(reference, "reference")
     if prediction.shape != reference.shape:
