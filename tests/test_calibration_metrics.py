@@ -666,7 +666,7 @@ def test_error_names_the_spatial_voxel(bad_voxel, message, monkeypatch):
     labels = torch.zeros(4, 3, 5, dtype=torch.long)
     mask = torch.rand(4, 3, 5, generator=torch.Generator().manual_seed(0)) < 0.6
     mask[2, 1, 3] = True
-    for accumulator in (CalibrationStats(3), CalibrationStats(3), TemperatureFit()):
+    for accumulator in (CalibrationStats(3), TemperatureFit()):
         for inputs in (probabilities, transposed):
             with pytest.raises(ValueError, match=rf"{message}.* at voxel \(2, 1, 3\)|at voxel \(2, 1, 3\).*{message}"):
                 accumulator.update(inputs, labels, mask=mask)

@@ -116,6 +116,7 @@ def test_no_boundary_gives_an_empty_scope(labels):
     ((1.0, 1.0), 3.0, np.zeros((3, 3, 3), np.uint8), "3 positive finite numbers"),
     ((1.0, 0.0, 1.0), 3.0, np.zeros((3, 3, 3), np.uint8), "positive finite"),
     (2.0, 3.0, np.zeros((3, 3, 3), np.uint8), "sequence of 3 numbers"),
+    ("1,1,1", 3.0, np.zeros((3, 3, 3), np.uint8), "sequence of 3 numbers"),
     ((1.0, 1.0, 1.0), -1.0, np.zeros((3, 3, 3), np.uint8), "distance_mm must be a number >= 0"),
     ((1.0, 1.0, 1.0), 3.0, np.zeros((3, 3, 3), np.float32), "integer label map"),
 ])

@@ -36,7 +36,7 @@ def checked_spacing(spacing: Sequence[float], ndim: int) -> tuple[float, ...]:
     """The voxel spacing as a tuple of `ndim` positive finite floats (mm along each array axis)."""
     try:
         values = tuple(float(value) for value in spacing)
-    except TypeError:
+    except (TypeError, ValueError):
         raise ValueError(f"spacing must be a sequence of {ndim} numbers (mm per voxel along each axis), "
                          f"got {spacing!r}") from None
     if len(values) != ndim or not all(math.isfinite(value) and value > 0 for value in values):
