@@ -620,8 +620,8 @@ def test_constructor_rejects_bad_binning(kwargs, message):
 # --- probability checks -----------------------------------------------------------------------------------------------
 
 def test_probabilities_summing_to_two_are_rejected():
-    """Without the check, probabilities summing to 2 went through silently (values above 1 even gave an ECE above 1
-    and a negative NLL)."""
+    """Without the check, probabilities summing to 2 went through silently (doubled confident ones, above 1, even
+    gave a negative NLL)."""
     probabilities, labels = random_inputs(3, 1000, 0.1, seed=40)
     doubled = 2 * probabilities
     assert doubled.max() <= 1
