@@ -12,7 +12,10 @@ import torch
 
 from nnunet_margin.calibration import (
     CalibrationStats,
+    TemperatureFit,
+    average_calibration_error,
     brier_score,
+    classwise_average_calibration_error,
     classwise_expected_calibration_error,
     expected_calibration_error,
     maximum_calibration_error,
@@ -44,7 +47,7 @@ def random_inputs(num_classes: int, num_voxels: int, scale: float, seed: int) ->
 
 
 def numpy_reference(probabilities: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS) -> dict:
-    """Independent float64 numpy implementation of docs/methods.md 3 with bins (lower, upper] via np.digitize."""
+    """Independent float64 numpy implementation of docs/methods.md 3 and 5 with bins (lower, upper] via np.digitize."""
     p = np.asarray(probabilities, dtype=np.float64).reshape(probabilities.shape[0], -1)
     y = np.asarray(labels).reshape(-1).astype(np.int64)
     num_classes, num_voxels = p.shape
@@ -52,17 +55,25 @@ def numpy_reference(probabilities: np.ndarray, labels: np.ndarray, n_bins: int =
 
     def calibration_errors(confidence, hit):
         bins = np.digitize(confidence, inner_edges, right=True)  # edges[i-1] < x <= edges[i]
-        gaps = [abs(confidence[bins == b].mean() - hit[bins == b].mean()) for b in range(n_bins) if (bins == b).any()]
-        shares = [(bins == b).sum() / len(confidence) for b in range(n_bins) if (bins == b).any()]
-        return float(np.dot(gaps, shares)), float(max(gaps))
+        return errors_of_bins(confidence, hit, bins, n_bins)
 
     confidence, prediction = p.max(0), p.argmax(0)
-    ece, mce = calibration_errors(confidence, (prediction == y).astype(np.float64))
+    ece, mce, ace = calibration_errors(confidence, (prediction == y).astype(np.float64))
     onehot = np.eye(num_classes)[y].T
-    class_ece = [calibration_errors(p[k], onehot[k])[0] for k in range(num_classes)]
-    return {"ece": ece, "mce": mce, "classwise_ece": float(np.mean(class_ece)), "class_ece": class_ece,
+    class_errors = [calibration_errors(p[k], onehot[k]) for k in range(num_classes)]
+    class_ece, class_ace = [errors[0] for errors in class_errors], [errors[2] for errors in class_errors]
+    return {"ece": ece, "mce": mce, "ace": ace, "classwise_ece": float(np.mean(class_ece)), "class_ece": class_ece,
+            "classwise_ace": float(np.mean(class_ace)), "class_ace": class_ace,
             "brier": float(((p - onehot) ** 2).sum(0).mean()),
             "nll": float(-np.log(p[y, np.arange(num_voxels)]).mean()), "num_voxels": num_voxels}
+
+
+def errors_of_bins(confidence: np.ndarray, hit: np.ndarray, bins: np.ndarray, n_bins: int) -> tuple[float, ...]:
+    """(ECE, MCE, ACE) of voxels assigned to bins 0 .. n_bins - 1: share-weighted, largest and plain mean gap."""
+    occupied = [b for b in range(n_bins) if (bins == b).any()]
+    gaps = [abs(confidence[bins == b].mean() - hit[bins == b].mean()) for b in occupied]
+    shares = [(bins == b).sum() / len(confidence) for b in occupied]
+    return float(np.dot(gaps, shares)), float(max(gaps)), float(np.mean(gaps))
 
 
 def test_package_does_not_import_nnunet():
@@ -134,6 +145,7 @@ def test_matches_numpy_reference(dtype, as_numpy):
     for name, value in expected.items():
         assert metrics[name] == pytest.approx(value, rel=1e-9, abs=1e-12), name
     functional = {"ece": expected_calibration_error, "mce": maximum_calibration_error,
+                  "ace": average_calibration_error, "classwise_ace": classwise_average_calibration_error,
                   "classwise_ece": classwise_expected_calibration_error, "brier": brier_score,
                   "nll": negative_log_likelihood}
     for name, function in functional.items():
@@ -269,6 +281,37 @@ def test_bin_edges(value, dtype, n_bins, expected_bin):
     assert torch.equal(stats.state["class_count"][0], expected)
 
 
+@pytest.mark.parametrize("num_classes", [3, 130])  # uint8 and int32 paths of the first arg-max
+def test_ties_count_the_first_maximal_class_as_the_prediction(num_classes):
+    """As torch.max / numpy.argmax: among equal top probabilities the lowest class index is the prediction."""
+    probabilities = torch.full((num_classes, 4), 0.2 / (num_classes - 2), dtype=torch.float64)
+    probabilities[:2] = 0.4  # classes 0 and 1 tie at the top
+    probabilities[:, 3] = 1 / num_classes  # all classes tie
+    labels = torch.tensor([0, 1, 2, 0])
+    stats = CalibrationStats(num_classes).update(probabilities, labels)
+    assert int(stats.state["top_correct"].sum()) == 2  # voxels 0 and 3
+    expected = numpy_reference(probabilities.numpy(), labels.numpy())
+    assert stats.compute()["ece"] == pytest.approx(expected["ece"], rel=1e-12)
+
+
+def test_interleaved_accumulators_of_different_shapes():
+    """Accumulators of several class and bin numbers in turn (the cached lane offsets are shared and evicted)."""
+    settings = [(3, 15, "equal_width"), (5, 10, "equal_width"), (3, 20, "equal_mass"), (7, 15, "equal_width"),
+                (4, 15, "equal_mass"), (2, 3, "equal_width")]
+    inputs = {k: random_inputs(k, 3000, 2.0, seed=k) for k, _, _ in settings}
+    fresh = {setting: CalibrationStats(setting[0], setting[1], setting[2]).update(*inputs[setting[0]]).to_dict()
+             for setting in settings}
+    interleaved = {setting: CalibrationStats(setting[0], setting[1], setting[2]) for setting in settings}
+    for part in (slice(0, 1000), slice(1000, 3000)):
+        for setting, stats in interleaved.items():
+            probabilities, labels = inputs[setting[0]]
+            stats.update(probabilities[:, part], labels[part])
+    for setting, stats in interleaved.items():
+        assert stats.to_dict()["state"]["class_count"] == fresh[setting]["state"]["class_count"], setting
+        assert stats.compute()["ece"] == pytest.approx(CalibrationStats.from_dict(fresh[setting]).compute()["ece"],
+                                                       rel=1e-12)
+
+
 def test_one_hot_correct_predictions_are_perfectly_calibrated():
     labels = torch.tensor([0, 2, 1, 2])
     probabilities = torch.nn.functional.one_hot(labels, 3).T.float()
@@ -315,13 +358,16 @@ def test_mask_equals_selecting_voxels():
     lambda: CalibrationStats(3),
     lambda: CalibrationStats(3).update(torch.full((3, 5), 1 / 3), torch.zeros(5, dtype=torch.long),
                                        mask=torch.zeros(5, dtype=torch.bool)),
+    lambda: CalibrationStats(3).update(torch.zeros(3, 0), torch.zeros(0, dtype=torch.long)),
+    lambda: CalibrationStats(3, binning="equal_mass").update(np.zeros((3, 4, 0, 2), np.float32),
+                                                             np.zeros((4, 0, 2), np.uint8)),
 ])
 def test_empty_gives_nan(make_empty):
     metrics = make_empty().compute()
     assert metrics["num_voxels"] == 0
-    for name in ("ece", "mce", "classwise_ece", "brier", "nll"):
+    for name in ("ece", "mce", "ace", "classwise_ece", "classwise_ace", "brier", "nll"):
         assert np.isnan(metrics[name]), name
-    assert np.isnan(metrics["class_ece"]).all()
+    assert np.isnan(metrics["class_ece"]).all() and np.isnan(metrics["class_ace"]).all()
 
 
 # --- errors ---------------------------------------------------------------------------------------------------------
@@ -387,3 +433,283 @@ def test_plot_reliability_diagram_writes_png(tmp_path):
     plot_reliability_diagram(CalibrationStats(3), tmp_path / "empty.png")  # empty bins only: still a figure
     with pytest.raises(ValueError, match="2 class names for 3 classes"):
         plot_reliability_diagram(stats, path, class_names=["a", "b"])
+
+
+# --- ACE, ECE and MCE against MONAI 1.6.1 CalibrationErrorMetric ------------------------------------------------------
+
+def _away_from_edges(probabilities: torch.Tensor, labels: torch.Tensor, n_bins: int):
+    """Drop voxels with a probability within 1e-6 of an edge b / n_bins: MONAI's edges linspace(0, 1 + float32 eps)
+    with torch.bucketize(right=False) and ours (lower, upper] on b / n_bins differ only there."""
+    edges = torch.arange(n_bins + 1, dtype=torch.float64) / n_bins
+    near = ((probabilities.double()[..., None] - edges).abs() < 1e-6).any(dim=-1).any(dim=0)
+    near &= (probabilities > 0).all(dim=0) & (probabilities < 1).all(dim=0)  # 0 and 1 land alike in both
+    return probabilities[:, ~near], labels[~near]
+
+
+def _monai(reduction: str, probabilities: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MONAI's calibration error per image and channel: probabilities and target (B, C, V), 20 bins."""
+    from monai.metrics import CalibrationErrorMetric
+
+    metric = CalibrationErrorMetric(calibration_reduction=reduction, metric_reduction="none")
+    metric(y_pred=probabilities, y=target)
+    return metric.aggregate()
+
+
+@pytest.mark.parametrize("num_classes, scale, seed", [(2, 1.0, 20), (4, 3.0, 21), (6, 0.7, 22)])
+def test_matches_monai_calibration_error(num_classes, scale, seed):
+    """Classwise ECE/ACE per class = MONAI's channels with one-hot y; top-label ECE/ACE/MCE = MONAI on one channel of
+    the top confidence against correctness. Two images: MONAI's mean over images = mean of our per-image values."""
+    images = [_away_from_edges(*random_inputs(num_classes, 6000, scale, seed + image), 20) for image in range(2)]
+    size = min(len(labels) for _, labels in images)
+    images = [(probabilities[:, :size], labels[:size]) for probabilities, labels in images]
+    ours = [CalibrationStats(num_classes, n_bins=20).update(*image).compute() for image in images]
+
+    probabilities = torch.stack([image[0] for image in images])  # (B, K, V)
+    onehot = torch.stack([torch.nn.functional.one_hot(image[1], num_classes).T.float() for image in images])
+    confidence, prediction = probabilities.max(dim=1, keepdim=True)
+    correct = (prediction[:, 0] == torch.stack([image[1] for image in images]))[:, None].float()
+    for reduction, name in (("expected", "class_ece"), ("average", "class_ace")):
+        expected = _monai(reduction, probabilities, onehot).double()
+        np.testing.assert_allclose([metrics[name] for metrics in ours], expected, rtol=0, atol=2e-6)
+    for reduction, name in (("expected", "ece"), ("average", "ace"), ("maximum", "mce")):
+        expected = _monai(reduction, confidence, correct)[:, 0].double()
+        np.testing.assert_allclose([metrics[name] for metrics in ours], expected, rtol=0, atol=2e-6)
+    from monai.metrics import CalibrationErrorMetric
+
+    metric = CalibrationErrorMetric(calibration_reduction="average")  # mean over images and channels
+    metric(y_pred=probabilities, y=onehot)
+    assert np.mean([metrics["classwise_ace"] for metrics in ours]) == pytest.approx(float(metric.aggregate()),
+                                                                                   abs=2e-6)
+
+
+def test_monai_bins_values_on_an_edge_like_ours():
+    """MONAI's docstring says right=False gives [left, right), but torch.bucketize(right=False) puts a value equal to
+    an edge into the lower bin; with edges linspace(0, 1 + eps) a float32 b / n_bins lands in the lower bin there as
+    here (lower, upper]: 0.25 with 4 bins is bin 0 in both, a gap of 0.25 vs a gap of 0.75 with [lower, upper)."""
+    probabilities = torch.tensor([[0.25, 0.25], [0.75, 0.75]])[None]  # (1, 2 classes, 2 voxels)
+    target = torch.tensor([[0.0, 0.0], [1.0, 1.0]])[None]
+    from monai.metrics import CalibrationErrorMetric
+
+    metric = CalibrationErrorMetric(num_bins=4, calibration_reduction="expected", metric_reduction="none")
+    metric(y_pred=probabilities, y=target)
+    ours = CalibrationStats(2, n_bins=4).update(probabilities[0], torch.tensor([1, 1])).compute()
+    np.testing.assert_allclose(metric.aggregate()[0].double(), ours["class_ece"], atol=1e-7)
+    assert ours["class_ece"] == [0.25, 0.25]
+
+
+# --- equal-mass bins --------------------------------------------------------------------------------------------------
+
+def equal_mass_reference(values: np.ndarray, hit: np.ndarray, n_bins: int) -> tuple[float, ...]:
+    """(ECE, MCE, ACE) with equal-mass bins: the voxel of rank r of N (ascending value) goes to bin
+    floor(n_bins * r / N); equal values share the bin of the first of them."""
+    first_rank = np.searchsorted(np.sort(values), values, side="left")
+    return errors_of_bins(values, hit, n_bins * first_rank // len(values), n_bins)
+
+
+def binary_inputs_on_fine_bin_centres(num_voxels: int, seed: int, num_fine_bins: int | None = None):
+    """K = 2 voxels whose probabilities sit at centres of bins of the fine log-odds grid, spread over
+    [0.5, 1 - 1e-6] like segmentation confidences: each in a fine bin of its own (num_fine_bins None), or drawn with
+    repeats from num_fine_bins fine bins (so several voxels share one)."""
+    rng = np.random.default_rng(seed)
+    limit, fine = stats_module.EQUAL_MASS_LOGIT_LIMIT, stats_module.EQUAL_MASS_FINE_BINS
+    width = 2 * limit / fine
+    upper_half = np.arange(fine // 2, fine - 12)  # log-odds 0 .. ~14
+    if num_fine_bins is None:
+        chosen = rng.choice(upper_half, size=num_voxels, replace=False)
+    else:
+        chosen = rng.choice(rng.choice(upper_half, size=num_fine_bins, replace=False), size=num_voxels)
+    probability_1 = 1 / (1 + np.exp(-(-limit + (chosen + 0.5) * width)))
+    flip = rng.random(num_voxels) < 0.5  # class 0 or class 1 confident
+    p1 = np.where(flip, 1 - probability_1, probability_1)
+    probabilities = torch.tensor(np.stack([1 - p1, p1]))  # float64
+    labels = torch.tensor((rng.random(num_voxels) < p1).astype(np.int64))
+    return probabilities, labels
+
+
+@pytest.mark.parametrize("num_voxels, n_bins, num_fine_bins", [
+    (300, 15, None), (301, 15, None), (64, 10, None), (50, 1, None), (300, 15, 40), (997, 7, 23),
+])
+def test_equal_mass_bins_match_ranks(num_voxels, n_bins, num_fine_bins):
+    probabilities, labels = binary_inputs_on_fine_bin_centres(num_voxels, num_voxels, num_fine_bins)
+    stats = CalibrationStats(2, n_bins, binning="equal_mass").update(probabilities, labels)
+    metrics = stats.compute()
+    p, y = probabilities.numpy(), labels.numpy()
+    ece, mce, ace = equal_mass_reference(p.max(0), (p.argmax(0) == y).astype(float), n_bins)
+    assert (metrics["ece"], metrics["mce"], metrics["ace"]) == pytest.approx((ece, mce, ace), rel=1e-12)
+    class_errors = [equal_mass_reference(p[k], (y == k).astype(float), n_bins) for k in range(2)]
+    assert metrics["class_ece"] == pytest.approx([errors[0] for errors in class_errors], rel=1e-12)
+    assert metrics["class_ace"] == pytest.approx([errors[2] for errors in class_errors], rel=1e-12)
+    top = stats.reliability()["top_label"]
+    assert top.edges[0] == 0 and top.edges[-1] == 1 and (np.diff(top.edges) >= 0).all()
+    if num_fine_bins is None:  # exact equal mass: bin sizes differ by at most one, edges between the ranks
+        np.testing.assert_array_equal(top.count, np.diff(-(-np.arange(n_bins + 1) * num_voxels // n_bins)))
+        sorted_confidence = np.sort(p.max(0))
+        boundaries = -(-np.arange(1, n_bins) * num_voxels // n_bins)  # first rank of each later bin
+        assert (sorted_confidence[boundaries - 1] <= top.edges[1:-1]).all()
+        assert (top.edges[1:-1] < sorted_confidence[boundaries]).all()
+
+
+def test_equal_mass_splits_confidences_next_to_one():
+    """Segmentation-like confidences (mostly above 0.996): an equal-width fine grid could not split them. On the
+    log-odds grid every bin holds N / n_bins voxels up to the largest fine bin's count, which is small."""
+    probabilities, labels = random_inputs(3, 30000, 1.0, seed=30)
+    logits = probabilities.log() + 8 * torch.nn.functional.one_hot(labels, 3).T
+    probabilities = torch.softmax(logits, dim=0)
+    stats = CalibrationStats(3, 15, binning="equal_mass").update(probabilities, labels)
+    curves = stats.reliability()
+    assert curves["top_label"].edges[1] > 0.996 and curves["top_label"].count.sum() == 30000
+    fine_counts = [stats.state["top_count"]] + list(stats.state["class_count"])
+    for curve, fine_count in zip([curves["top_label"]] + curves["classes"], fine_counts):
+        largest_fine_bin = int(fine_count.max())
+        assert largest_fine_bin < 0.2 * 30000 / 15
+        assert np.abs(curve.count - 30000 / 15).max() < largest_fine_bin
+
+
+def test_equal_mass_single_bin_equals_equal_width_single_bin():
+    probabilities, labels = random_inputs(4, 5000, 2.0, seed=31)
+    equal_mass = CalibrationStats(4, 1, binning="equal_mass").update(probabilities, labels).compute()
+    equal_width = CalibrationStats(4, 1).update(probabilities, labels).compute()
+    for name, value in equal_width.items():
+        assert equal_mass[name] == pytest.approx(value, rel=1e-12), name
+    assert equal_width["ece"] == equal_width["mce"] == equal_width["ace"]
+
+
+def test_equal_mass_ties_share_a_bin():
+    """Identical voxels cannot be split: one non-empty bin, ECE = ACE = MCE = |confidence - accuracy|."""
+    probabilities = torch.tensor([[0.7], [0.3]]).expand(2, 90)
+    labels = (torch.arange(90) % 3 == 0).long()  # the predicted class 0 is right on 60 of 90 voxels
+    stats = CalibrationStats(2, 15, binning="equal_mass").update(probabilities, labels)
+    metrics = stats.compute()
+    gap = abs(0.7 - 60 / 90)
+    assert metrics["ece"] == metrics["ace"] == metrics["mce"] == pytest.approx(gap, rel=1e-6)  # float32 0.7
+    assert (stats.reliability()["top_label"].count > 0).sum() == 1
+
+
+def test_equal_mass_state_streams_merges_and_serialises():
+    probabilities, labels = random_inputs(4, 9000, 3.0, seed=32)
+    whole = CalibrationStats(4, 10, binning="equal_mass").update(probabilities, labels)
+    merged = CalibrationStats(4, 10, binning="equal_mass")
+    for lo, hi in ((0, 1), (1, 4000), (4000, 9000)):
+        merged.merge(CalibrationStats(4, 10, binning="equal_mass").update(probabilities[:, lo:hi], labels[lo:hi]))
+    assert_same_state(merged, whole)
+    restored = CalibrationStats.from_dict(json.loads(json.dumps(whole.to_dict())))
+    assert restored.binning == "equal_mass" and restored.compute() == whole.compute()
+    assert whole.state["class_count"].shape == (4, stats_module.EQUAL_MASS_FINE_BINS)
+    with pytest.raises(ValueError, match="binning='equal_width'"):
+        whole.merge(CalibrationStats(4, 10))
+
+
+def test_from_dict_loads_a_dict_written_before_binning_existed():
+    probabilities, labels = random_inputs(3, 500, 2.0, seed=33)
+    stats = CalibrationStats(3).update(probabilities, labels)
+    old = stats.to_dict()
+    del old["binning"]
+    restored = CalibrationStats.from_dict(old)
+    assert restored.binning == "equal_width" and restored.compute() == stats.compute()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"binning": "quantile"}, "binning must be one of"),
+    ({"binning": "equal_mass", "n_bins": 4096}, "at most 2048 bins"),
+])
+def test_constructor_rejects_bad_binning(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CalibrationStats(3, **kwargs)
+
+
+# --- probability checks -----------------------------------------------------------------------------------------------
+
+def test_probabilities_summing_to_two_are_rejected():
+    """Without the check, probabilities summing to 2 went through silently (doubled confident ones, above 1, even
+    gave a negative NLL)."""
+    probabilities, labels = random_inputs(3, 1000, 0.1, seed=40)
+    doubled = 2 * probabilities
+    assert doubled.max() <= 1
+    with pytest.raises(ValueError, match=r"probabilities sum to 2 over the 3 classes at voxel \(\d+,\).*softmax"):
+        CalibrationStats(3).update(doubled, labels)
+    for function in (expected_calibration_error, negative_log_likelihood, TemperatureFit().update):
+        with pytest.raises(ValueError, match="sum to 2"):
+            function(doubled, labels)
+    confident, labels = random_inputs(3, 1000, 3.0, seed=40)
+    with pytest.raises(ValueError, match="sum to 2"):
+        CalibrationStats(3).update(2 * confident, labels)
+
+
+@pytest.mark.parametrize("make_bad, message", [
+    (lambda p: p.log(), r"sum to -[0-9.]+ over the 4 classes.*softmax to logits"),
+    (lambda p: torch.sigmoid(p), r"sum to .*sigmoid"),
+    (lambda p: p / 2, r"sum to 0\.5 "),
+    (lambda p: torch.cat([p[:1] + p[1:2] + 0.25, torch.full_like(p[1:2], -0.25), p[2:]]),
+     r"negative value -0\.25 .* outside \[0, 1\]"),
+])
+def test_logits_and_unnormalised_scores_are_rejected(make_bad, message):
+    probabilities, labels = random_inputs(4, 200, 2.0, seed=41)
+    with pytest.raises(ValueError, match=message):
+        CalibrationStats(4).update(make_bad(probabilities), labels)
+    with pytest.raises(ValueError, match=message):
+        TemperatureFit().update(make_bad(probabilities), labels)
+
+
+@pytest.mark.parametrize("bad_voxel, message", [
+    ([float("nan"), 1 / 3, 1 / 3], "NaN or inf values"),
+    ([1 / 3, float("inf"), 1 / 3], "NaN or inf values"),
+    ([0.9, 1 / 3, 1 / 3], "sum to 1.56667"),
+    ([1.5, -0.5, 0.0], "negative value -0.5"),
+])
+def test_error_names_the_spatial_voxel(bad_voxel, message, monkeypatch):
+    """One bad voxel at (2, 1, 3) of a (4, 3, 5) volume, stored as is and transposed, under a mask, in the 5th of
+    several chunks."""
+    monkeypatch.setattr(stats_module, "_CHUNK_ENTRIES", 3 * 7)
+    probabilities = torch.full((3, 4, 3, 5), 1 / 3)
+    probabilities[:, 2, 1, 3] = torch.tensor(bad_voxel)
+    transposed = probabilities.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+    labels = torch.zeros(4, 3, 5, dtype=torch.long)
+    mask = torch.rand(4, 3, 5, generator=torch.Generator().manual_seed(0)) < 0.6
+    mask[2, 1, 3] = True
+    for accumulator in (CalibrationStats(3), TemperatureFit()):
+        for inputs in (probabilities, transposed):
+            with pytest.raises(ValueError, match=rf"{message}.* at voxel \(2, 1, 3\)|at voxel \(2, 1, 3\).*{message}"):
+                accumulator.update(inputs, labels, mask=mask)
+
+
+def test_bad_voxels_outside_the_mask_are_not_checked():
+    probabilities, labels = random_inputs(3, 100, 2.0, seed=42)
+    probabilities[:, 10] = torch.tensor([2.0, -1.0, float("nan")])
+    mask = torch.ones(100, dtype=torch.bool)
+    mask[10] = False
+    expected = CalibrationStats(3).update(probabilities[:, mask], labels[mask])
+    assert_same_state(CalibrationStats(3).update(probabilities, labels, mask=mask), expected)
+
+
+@pytest.mark.parametrize("dtype, deviation, accepted", [
+    (torch.float32, 9e-4, True), (torch.float32, 2e-3, False), (torch.float64, 9e-4, True),
+    (torch.float16, 9e-4, True), (torch.bfloat16, 7e-3, True), (torch.bfloat16, 2e-2, False),
+])
+def test_sum_tolerance(dtype, deviation, accepted):
+    probabilities = torch.tensor([[0.5 + deviation], [0.5]], dtype=dtype)
+    stats = CalibrationStats(2)
+    if accepted:
+        assert stats.update(probabilities, torch.tensor([0])).num_voxels == 1
+    else:
+        with pytest.raises(ValueError, match="sum to"):
+            stats.update(probabilities, torch.tensor([0]))
+
+
+def test_low_precision_softmax_is_accepted():
+    logits = torch.randn(8, 20000, generator=torch.Generator().manual_seed(43)) * 4
+    labels = torch.zeros(20000, dtype=torch.long)
+    for dtype in (torch.float16, torch.bfloat16):
+        assert CalibrationStats(8).update(torch.softmax(logits, 0).to(dtype), labels).num_voxels == 20000
+
+
+def test_empty_inputs_leave_the_accumulators_empty():
+    stats = CalibrationStats(3).update(*random_inputs(3, 10, 2.0, seed=44))
+    before = stats.to_dict()
+    stats.update(np.zeros((3, 0), np.float32), np.zeros(0, np.int64))
+    assert stats.to_dict() == before
+    assert np.isnan(expected_calibration_error(torch.zeros(3, 0), torch.zeros(0, dtype=torch.long)))
+    assert np.isnan(brier_score(torch.zeros(3, 2, 0), torch.zeros(2, 0, dtype=torch.long)))
+    fit = TemperatureFit().update(torch.zeros(3, 0), torch.zeros(0, dtype=torch.long))
+    assert fit.num_voxels == 0
+    with pytest.raises(ValueError, match="no voxels to fit"):
+        fit.fit()

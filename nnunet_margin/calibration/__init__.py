@@ -1,10 +1,12 @@
-"""Calibration metrics for segmentation in plain PyTorch/NumPy (no nnU-Net needed).
+"""Calibration metrics for segmentation in plain PyTorch/NumPy/SciPy (no nnU-Net needed).
 
 `CalibrationStats` accumulates per-bin sums over voxels, volumes and processes; the functions compute one metric
-in one call; `plot_reliability_diagram` draws the reliability curves; `compare_methods` and the table and figure
-functions of `comparison` build the papers' comparison table of methods from per-case scores.
+in one call; `plot_reliability_diagram` draws the reliability curves; `boundary_scope` selects the voxels near
+ground-truth class boundaries; `surface_distances` gives HD95 and ASD per class; `compare_methods` and the table and
+figure functions of `comparison` build the papers' comparison table of methods from per-case scores.
 """
 
+from .boundary import boundary_scope, boundary_voxels
 from .comparison import (
     METRIC_DIRECTIONS,
     CaseScores,
@@ -17,7 +19,9 @@ from .comparison import (
     plot_comparison,
 )
 from .functional import (
+    average_calibration_error,
     brier_score,
+    classwise_average_calibration_error,
     classwise_expected_calibration_error,
     expected_calibration_error,
     maximum_calibration_error,
@@ -25,6 +29,7 @@ from .functional import (
 )
 from .reliability import plot_reliability_diagram
 from .stats import CalibrationStats, ReliabilityBins
+from .surface import surface_distances
 from .temperature import TemperatureFit, apply_temperature, fit_temperature
 
 __all__ = [
@@ -35,7 +40,11 @@ __all__ = [
     "ReliabilityBins",
     "TemperatureFit",
     "apply_temperature",
+    "average_calibration_error",
+    "boundary_scope",
+    "boundary_voxels",
     "brier_score",
+    "classwise_average_calibration_error",
     "classwise_expected_calibration_error",
     "compare_methods",
     "csv_table",
@@ -48,4 +57,5 @@ __all__ = [
     "negative_log_likelihood",
     "plot_comparison",
     "plot_reliability_diagram",
+    "surface_distances",
 ]

@@ -48,6 +48,7 @@ METRIC_DIRECTIONS: dict[str, str] = {
     "ece": LOWER,
     "classwise_ece": LOWER,
     "ace": LOWER,
+    "classwise_ace": LOWER,
     "mce": LOWER,
     "brier": LOWER,
     "nll": LOWER,

@@ -17,7 +17,14 @@ import warnings
 import numpy as np
 import torch
 
-from .stats import ArrayLike, check_voxel_arrays
+from .stats import (
+    ArrayLike,
+    check_probability_values,
+    check_voxel_arrays,
+    chunk_voxel_index,
+    probability_sum_tolerance,
+    true_positions,
+)
 
 # Voxels whose log-probability differences are held (a uniform random sample beyond that): 2**22 voxels are 16 MiB
 # per class in float32, and bound the statistical error of T far below that of any validation set.
@@ -83,7 +90,8 @@ class TemperatureFit:
 
     def update(self, probabilities: ArrayLike, labels: ArrayLike, mask: ArrayLike | None = None) -> TemperatureFit:
         """Add voxels: probabilities (K, *spatial), integer labels (*spatial) in [0, K), optional bool mask
-        (*spatial) of the voxels that count. Returns self.
+        (*spatial) of the voxels that count; where it is True, probabilities must be finite, in [0, 1] and sum to 1
+        over the classes (`CalibrationStats.update`'s check). Returns self.
 
         Values are checked chunk by chunk while they are added, so after a ValueError for bad values part of this
         call's voxels may have been added: start a new accumulator.
@@ -92,13 +100,17 @@ class TemperatureFit:
         flat_probabilities = probabilities.reshape(self.num_classes, -1)
         flat_labels = labels.reshape(-1)
         flat_mask = None if mask is None else mask.reshape(-1)
+        sum_tolerance = probability_sum_tolerance(probabilities.dtype)
         chunk = max(1, _CHUNK_ENTRIES // self.num_classes)
         for start in range(0, flat_labels.numel(), chunk):
             part = slice(start, start + chunk)
             chunk_probabilities, chunk_labels = flat_probabilities[:, part], flat_labels[part].to(torch.int64)
+            counted = None
             if flat_mask is not None:
-                counted = flat_mask[part]
-                chunk_probabilities, chunk_labels = chunk_probabilities[:, counted], chunk_labels[counted]
+                counted = true_positions(flat_mask[part])
+                chunk_probabilities, chunk_labels = chunk_probabilities.index_select(1, counted), chunk_labels[counted]
+            batch = part if counted is None else counted + start
+            check_probability_values(chunk_probabilities, sum_tolerance, chunk_voxel_index(tuple(labels.shape), batch))
             self._add_chunk(chunk_probabilities, chunk_labels)
         return self
 
@@ -123,8 +135,6 @@ class TemperatureFit:
         if int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
             raise ValueError(f"labels must lie in [0, {self.num_classes}), got values from {int(labels.min())} to "
                              f"{int(labels.max())}; mask out ignored voxels")
-        if not bool(torch.isfinite(probabilities).all()) or bool((probabilities < 0).any()):
-            raise ValueError("probabilities hold negative, NaN or inf values")
         self.num_voxels += count
         keys = torch.rand(count, generator=self._generator, dtype=torch.float64)
         sampled = keys < self._key_threshold
