@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from nnunet_margin import cli
-from nnunet_margin.calibration import CalibrationStats, classwise_expected_calibration_error, expected_calibration_error
+from nnunet_margin.calibration import CalibrationStats, boundary_scope, surface_distances, classwise_expected_calibration_error, expected_calibration_error
 from nnunet_margin.nnunet.calibration_report import (
     calibrate_prediction_folder,
-    compare_reports,
     crop_mask_from_properties,
     evaluate_case,
+    segmentation_metrics,
     write_calibration_report,
 )
 
@@ -239,7 +239,11 @@ def test_failed_write_leaves_old_files_intact(tmp_path, monkeypatch, target, nam
 @pytest.mark.parametrize("num_processes", [1, 2])
 def test_calibrate_prediction_folder(tmp_path, num_processes):
     data = write_prediction_folder(tmp_path / "pred", tmp_path / "gt")
-    (tmp_path / "pred" / "case_000.nii.gz").write_bytes(b"")  # nnU-Net's segmentations sit beside the npz
+    import SimpleITK as sitk
+
+    # nnU-Net's segmentations sit beside the npz (they are not cases of their own)
+    sitk.WriteImage(sitk.GetImageFromArray(data["case_000"][0].argmax(0).astype(np.uint8)),
+                    str(tmp_path / "pred" / "case_000.nii.gz"))
     (tmp_path / "pred" / "summary.json").write_text(json.dumps({"foreground_mean": {"Dice": 0.5},
                                                                 "mean": {"1": {"Dice": 0.4}, "2": {"Dice": 0.6}}}))
     report = calibrate_prediction_folder(tmp_path / "pred", tmp_path / "gt", tmp_path / "out",
@@ -315,33 +319,57 @@ def test_calibrate_prediction_folder_errors(tmp_path, break_folder, error, messa
     assert not (tmp_path / "pred" / "calibration.json").exists()
 
 
-# --- compare_reports and the argparse glue --------------------------------------------------------------------------
+# --- boundary scope and segmentation metrics ------------------------------------------------------------------------
 
-def test_compare_reports(tmp_path):
-    summary_json = tmp_path / "summary.json"
-    summary_json.write_text(json.dumps({"foreground_mean": {"Dice": 0.75}, "mean": {"1": {"Dice": 0.9},
-                                                                                     "2": {"Dice": 0.6}}}))
-    direct = write_calibration_report(_per_case(2), tmp_path / "direct", CLASS_NAMES, summary_json)
-    trainer = tmp_path / "TrainerB"
-    for fold in (0, 1):
-        write_calibration_report(_per_case(fold + 1), trainer / f"fold_{fold}" / "validation", CLASS_NAMES, None)
+def test_boundary_scope_with_spacing():
+    probabilities, gt, _ = make_case(2)
+    spacing = (2.0, 1.0, 0.5)
+    result = evaluate_case(probabilities, gt, nnunet_crop_mask(), IGNORE, spacing=spacing, boundary_mm=1.5)
+    expected = boundary_scope(gt, spacing, 1.5, IGNORE) & nnunet_crop_mask() & (gt != IGNORE)
+    assert 0 < expected.sum() < expected.size
+    assert result["boundary"].num_voxels == int(expected.sum())
+    assert result["boundary"].compute()["ece"] == pytest.approx(
+        expected_calibration_error(probabilities[:, expected], gt[expected]), rel=1e-12)
+    assert "boundary" not in evaluate_case(probabilities, gt, nnunet_crop_mask(), IGNORE)  # needs the spacing
 
-    markdown, table = compare_reports([tmp_path / "direct", trainer])
-    lines = markdown.strip().splitlines()
-    assert lines[0] == "| report | class | dice | ece | classwise_ece | brier | nll |"
-    assert len(lines) == 2 + 3 * 4  # header, rule, 3 reports x (3 classes + mean)
-    rows = list(csv.DictReader(io.StringIO(table)))
-    assert [row["class"] for row in rows[:4]] == [*CLASS_NAMES, "mean"]
-    assert {row["report"] for row in rows[4:]} == {str(trainer / f"fold_{f}" / "validation") for f in (0, 1)}
-    mean = direct["summary"]["foreground"]["mean_over_cases"]
-    assert float(rows[3]["ece"]) == mean["ece"] and float(rows[3]["nll"]) == mean["nll"]
-    assert float(rows[3]["dice"]) == 0.75 and float(rows[1]["dice"]) == 0.9 and rows[0]["dice"] == ""
-    assert float(rows[2]["classwise_ece"]) == mean["class_ece"][2]
-    assert f"| {mean['ece']:.4f} |" in lines[5]
-    assert math.isclose(np.mean([float(row["classwise_ece"]) for row in rows[:3]]), float(rows[3]["classwise_ece"]))
 
-    with pytest.raises(FileNotFoundError, match="nunet-margin calibration"):
-        compare_reports([tmp_path / "nothing_here"])
+def test_segmentation_metrics_are_nnunets_dice_and_the_surface_distances():
+    from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn
+
+    _, gt, _ = make_case(0)
+    prediction = np.where(np.random.default_rng(5).random(gt.shape) < 0.2, 1, gt).astype(np.float32)  # reader dtype
+    prediction[gt == IGNORE] = 2
+    spacing = (1.0, 2.0, 3.0)
+    metrics = segmentation_metrics(prediction, gt.astype(np.float32), CLASS_NAMES, spacing, IGNORE)
+    for label, name in ((1, "organ"), (2, "lesion")):
+        tp, fp, fn, _ = compute_tp_fp_fn_tn(gt == label, prediction == label, gt == IGNORE)
+        assert metrics["dice"][name] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    counted_prediction = np.where(gt == IGNORE, 0, prediction).astype(np.int64)
+    counted_gt = np.where(gt == IGNORE, 0, gt).astype(np.int64)
+    distances = surface_distances(counted_prediction, counted_gt, [1, 2], spacing)
+    assert [metrics["hd95"][name] for name in ("organ", "lesion")] == distances["hd95"]
+    assert [metrics["asd"][name] for name in ("organ", "lesion")] == distances["asd"]
+    missed = segmentation_metrics(np.zeros_like(gt), gt, CLASS_NAMES, spacing, IGNORE)
+    assert missed["dice"]["organ"] == 0 and math.isnan(missed["hd95"]["organ"])  # missed: no surface distance
+
+
+def test_prediction_folder_report_has_per_case_segmentation_metrics(tmp_path):
+    import SimpleITK as sitk
+
+    data = write_prediction_folder(tmp_path / "pred", tmp_path / "gt")
+    for case, (probabilities, gt) in data.items():
+        if case != "case_002":  # without a segmentation file a case has calibration metrics only
+            sitk.WriteImage(sitk.GetImageFromArray(probabilities.argmax(0).astype(np.uint8)),
+                            str(tmp_path / "pred" / f"{case}.nii.gz"))
+    report = calibrate_prediction_folder(tmp_path / "pred", tmp_path / "gt")
+    assert set(report["metric_per_case"]["case_000"]) == {"foreground", "crop", "boundary", "segmentation"}
+    assert "segmentation" not in report["metric_per_case"]["case_002"]
+    probabilities, gt = data["case_001"]
+    expected = segmentation_metrics(probabilities.argmax(0), gt, CLASS_NAMES, (1.0, 1.0, 1.0), IGNORE)
+    assert report["metric_per_case"]["case_001"]["segmentation"]["dice"] == expected["dice"]
+    summary = report["summary"]["segmentation"]["hd95"]
+    assert set(summary) == {"organ", "lesion"}
+    assert math.isfinite(report["summary"]["boundary"]["pooled"]["ace"])
 
 
 def test_command_line(tmp_path, capsys):
@@ -351,6 +379,3 @@ def test_command_line(tmp_path, capsys):
     assert "foreground (mean over 3 cases): ece" in capsys.readouterr().out
     assert (tmp_path / "out" / "calibration.json").is_file()
 
-    assert cli.main(["compare", str(tmp_path / "out"), "--csv", str(tmp_path / "table.csv")]) == 0
-    assert capsys.readouterr().out.startswith("| report | class |")
-    assert (tmp_path / "table.csv").read_text().startswith("report,class,dice")

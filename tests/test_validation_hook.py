@@ -37,15 +37,19 @@ def run_export(nnunet_env, tmp_path, exported_case, save_probabilities):
     export_and_measure(logits.clone(), properties, plans_manager.get_configuration("3d_fullres"), plans_manager,
                        dataset_json, str(output / "case_000"), save_probabilities, 1,
                        gt_folder=str(nnunet_env.preprocessed / "gt_segmentations"), scratch_folder=str(scratch))
-    state = json.loads((scratch / "case_000.json").read_text())
-    return output, {scope: CalibrationStats.from_dict(value) for scope, value in state.items()}
+    measured = json.loads((scratch / "case_000.json").read_text())
+    return output, {scope: CalibrationStats.from_dict(value) for scope, value in measured["stats"].items()}, \
+        measured["segmentation"]
 
 
 def test_cropped_logits_give_the_statistics_of_the_exported_probabilities(nnunet_env, tmp_path, exported_case):
-    plain_output, from_logits = run_export(nnunet_env, tmp_path, exported_case, save_probabilities=False)
-    npz_output, from_probabilities = run_export(nnunet_env, tmp_path, exported_case, save_probabilities=True)
+    plain_output, from_logits, plain_segmentation = run_export(nnunet_env, tmp_path, exported_case,
+                                                               save_probabilities=False)
+    npz_output, from_probabilities, npz_segmentation = run_export(nnunet_env, tmp_path, exported_case,
+                                                                  save_probabilities=True)
     assert not list(plain_output.glob("*.npz")) and (npz_output / "case_000.npz").is_file()
-    for scope in ("foreground", "crop"):
+    assert plain_segmentation == npz_segmentation and set(plain_segmentation) == {"dice", "hd95", "asd"}
+    for scope in ("foreground", "crop", "boundary"):
         ours, reference = from_logits[scope].state, from_probabilities[scope].state
         for name in ("top_count", "top_correct", "class_count", "class_positive"):
             assert torch.equal(ours[name], reference[name]), (scope, name)
@@ -54,6 +58,7 @@ def test_cropped_logits_give_the_statistics_of_the_exported_probabilities(nnunet
     crop_voxels = 26 * 30 * 27
     assert from_logits["crop"].num_voxels == crop_voxels  # only the crop box counts
     assert 0 < from_logits["foreground"].num_voxels < crop_voxels
+    assert 0 < from_logits["boundary"].num_voxels < crop_voxels
     # both write the same segmentation
     import SimpleITK as sitk
 

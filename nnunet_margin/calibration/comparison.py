@@ -65,6 +65,7 @@ METRIC_LABELS: dict[str, str] = {
     "ece": "ECE",
     "classwise_ece": "CECE",
     "ace": "ACE",
+    "classwise_ace": "CACE",
     "mce": "MCE",
     "brier": "Brier",
     "nll": "NLL",

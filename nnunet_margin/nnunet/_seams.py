@@ -282,6 +282,31 @@ def _check_preprocessed_dataset() -> None:
         _require("preprocessed_dataset", hasattr(nnUNetBaseDataset, method), f"nnUNetBaseDataset.{method} is gone")
 
 
+def dice_per_label(segmentation: np.ndarray, reference: np.ndarray, labels: list[int],
+                   ignore_label: int | None) -> list[float]:
+    """nnU-Net's per-case Dice of each label (its evaluate_predictions: NaN where neither map has the label, the
+    ignore label's voxels left out), from arrays instead of files."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn, region_or_label_to_mask
+
+    ignore_mask = reference == ignore_label if ignore_label is not None else None
+    dice = []
+    for label in labels:
+        tp, fp, fn, _ = compute_tp_fp_fn_tn(region_or_label_to_mask(reference, label),
+                                            region_or_label_to_mask(segmentation, label), ignore_mask)
+        dice.append(float("nan") if tp + fp + fn == 0 else float(2 * tp / (2 * tp + fp + fn)))
+    return dice
+
+
+@_seam("evaluation", "nnunetv2.evaluation.evaluate_predictions computes the per-case Dice from "
+                     "compute_tp_fp_fn_tn(mask_ref, mask_pred, ignore_mask) as 2 TP / (2 TP + FP + FN), NaN if empty")
+def _check_evaluation() -> None:
+    from nnunetv2.evaluation import evaluate_predictions
+
+    source = _source(evaluate_predictions.compute_metrics)
+    _require("evaluation", "compute_tp_fp_fn_tn(mask_ref, mask_pred, ignore_mask)" in source
+             and "2 * tp / (2 * tp + fp + fn)" in source, "compute_metrics computes Dice differently")
+
+
 def find_trainer_class(name: str) -> type:
     """nnU-Net's trainer lookup (nnunetv2's own trainers and the folders in nnUNet_extTrainer)."""
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name

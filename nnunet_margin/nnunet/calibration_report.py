@@ -1,26 +1,28 @@
 """Calibration report of nnU-Net predictions: calibration.json + reliability.png beside nnU-Net's summary.json.
 
 Works on folders written by `nnUNetv2_predict --save_probabilities` and on validation folders written with
-`--npz` (CASE.npz with key `probabilities`, CASE.pkl with the properties). Metrics follow docs/methods.md section 3 and
-are reported in two scopes:
+`--npz` (CASE.npz with key `probabilities`, CASE.pkl with the properties). Calibration metrics (ECE, MCE, ACE,
+classwise ECE and ACE, Brier, NLL; docs/methods.md sections 3 and 5) are reported in three scopes:
 
 * ``foreground``: voxels whose ground truth is not background (and not ignored), inside nnU-Net's crop box
   (the metric the MbLS papers report);
 * ``crop``: every non-ignored voxel inside the crop box. nnU-Net exports background = 1.0 outside the box, so
-  voxels there would only dilute the metrics.
+  voxels there would only dilute the metrics;
+* ``boundary``: the crop-scope voxels within 3 mm of a ground-truth class boundary (image spacing), where
+  segmentation probabilities are uncertain.
 
 Each scope has a pooled value (one accumulator over all voxels) and a mean over cases (the papers' convention).
+Per case and foreground class the report also holds nnU-Net's Dice, HD95 and ASD in mm.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import multiprocessing
 import os
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import reduce
 from operator import add
@@ -30,13 +32,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from nnunet_margin.calibration import CalibrationStats, plot_reliability_diagram
-from nnunet_margin._atomic import atomic_path
+from .._atomic import atomic_path
+from ..calibration import CalibrationStats, boundary_scope, plot_reliability_diagram, surface_distances
+from ..calibration.boundary import DEFAULT_DISTANCE_MM
+from . import _seams
 
 REPORT_FILE = "calibration.json"
 PLOT_FILE = "reliability.png"
-SCOPES = ("foreground", "crop")
-_SCALAR_METRICS = ("ece", "mce", "classwise_ece", "brier", "nll")
+SCOPES = ("foreground", "crop", "boundary")
+_SCALAR_METRICS = ("ece", "mce", "ace", "classwise_ece", "classwise_ace", "brier", "nll")
 
 PathLike = str | os.PathLike
 
@@ -69,28 +73,35 @@ def crop_to_preprocessing_frame(segmentation: np.ndarray, properties: dict, tran
     return cropped
 
 
-def evaluate_logits(logits: np.ndarray | torch.Tensor, segmentation_gt: np.ndarray, ignore_label: int | None = None,
-                    n_bins: int = 15, slab_entries: int = 2**22) -> dict[str, CalibrationStats]:
-    """`evaluate_case` from logits (K, *spatial) inside the crop box: softmax over slabs of the first spatial axis,
-    so the probabilities never exist in full (nnU-Net's own export holds only the logits)."""
+def evaluate_logits(logits: np.ndarray | torch.Tensor, segmentation_gt: np.ndarray,
+                    boundary: np.ndarray | None = None, ignore_label: int | None = None, n_bins: int = 15,
+                    slab_entries: int = 2**22) -> dict[str, CalibrationStats]:
+    """`evaluate_case` from logits (K, *spatial) inside the crop box (with the ground truth and boundary scope in the
+    same frame): softmax over slabs of the first spatial axis, so the probabilities never exist in full (nnU-Net's
+    own export holds only the logits)."""
     logits = torch.as_tensor(logits)
     labels = torch.as_tensor(segmentation_gt)
     if tuple(logits.shape[1:]) != tuple(labels.shape):
         raise ValueError(f"logits shape {tuple(logits.shape)} does not match segmentation shape {tuple(labels.shape)}")
-    stats = {scope: CalibrationStats(int(logits.shape[0]), n_bins) for scope in SCOPES}
+    boundary = None if boundary is None else torch.as_tensor(boundary)
+    stats = {scope: CalibrationStats(int(logits.shape[0]), n_bins)
+             for scope in (SCOPES if boundary is not None else SCOPES[:2])}
     slab = max(1, slab_entries // max(1, logits[:, 0].numel()))
     for start in range(0, labels.shape[0], slab):
         probabilities = torch.softmax(logits[:, start:start + slab].float(), dim=0)
-        labels_slab = labels[start:start + slab]
-        for scope, mask in scope_masks(labels_slab, None, ignore_label).items():
-            stats[scope].update(probabilities, labels_slab, mask=mask)
+        part = slice(start, start + slab)
+        masks = scope_masks(labels[part], None, ignore_label, None if boundary is None else boundary[part])
+        for scope, mask in masks.items():
+            stats[scope].update(probabilities, labels[part], mask=mask)
     return stats
 
 
 def evaluate_case(probabilities: np.ndarray | torch.Tensor, segmentation_gt: np.ndarray | torch.Tensor,
                   crop_mask: np.ndarray | torch.Tensor | None = None, ignore_label: int | None = None,
-                  n_bins: int = 15) -> dict[str, CalibrationStats]:
-    """Statistics of one case in the scopes "foreground" and "crop" (see the module docstring).
+                  n_bins: int = 15, spacing: Sequence[float] | None = None,
+                  boundary_mm: float = DEFAULT_DISTANCE_MM) -> dict[str, CalibrationStats]:
+    """Statistics of one case in the scopes "foreground", "crop" and, given the voxel spacing (mm), "boundary" (see
+    the module docstring).
 
     probabilities (K, *spatial); segmentation_gt (*spatial) with class indices (nnU-Net's float reader output is
     accepted if integer-valued); crop_mask (*spatial) bool, None for all voxels.
@@ -106,19 +117,41 @@ def evaluate_case(probabilities: np.ndarray | torch.Tensor, segmentation_gt: np.
         if crop_mask.shape != labels.shape:
             raise ValueError(f"crop mask shape {tuple(crop_mask.shape)} does not match segmentation shape "
                              f"{tuple(labels.shape)}")
+    boundary = None if spacing is None else torch.as_tensor(
+        boundary_scope(labels.cpu().numpy(), spacing, boundary_mm, ignore_label), device=device)
     num_classes = int(probabilities.shape[0])
     return {scope: CalibrationStats(num_classes, n_bins).update(probabilities, labels, mask=mask)
-            for scope, mask in scope_masks(labels, crop_mask, ignore_label).items()}
+            for scope, mask in scope_masks(labels, crop_mask, ignore_label, boundary).items()}
 
 
-def scope_masks(labels, crop_mask=None, ignore_label: int | None = None) -> dict:
-    """The voxels of each scope (numpy or torch, None for all): "foreground" (ground truth not background) and
-    "crop" (every voxel), both inside the crop box and without the ignore label."""
+def scope_masks(labels, crop_mask=None, ignore_label: int | None = None, boundary=None) -> dict:
+    """The voxels of each scope (numpy or torch, None for all), all inside the crop box and without the ignore label:
+    "foreground" (ground truth not background), "crop" (every voxel) and, given the boundary mask, "boundary"."""
     counted = None if ignore_label is None else labels != ignore_label
     if crop_mask is not None:
         counted = crop_mask if counted is None else counted & crop_mask
-    foreground = labels != 0 if counted is None else counted & (labels != 0)
-    return {"foreground": foreground, "crop": counted}
+    masks = {"foreground": labels != 0 if counted is None else counted & (labels != 0), "crop": counted}
+    if boundary is not None:
+        masks["boundary"] = boundary if counted is None else counted & boundary
+    return masks
+
+
+def segmentation_metrics(segmentation: np.ndarray, reference: np.ndarray, class_names: list[str],
+                         spacing: Sequence[float], ignore_label: int | None = None) -> dict[str, dict[str, float]]:
+    """Per foreground class: nnU-Net's Dice, HD95 and ASD in mm ({metric: {class: value}}). Ignored voxels count as
+    background in both maps for the surface distances; a class in only one map has no surface distance (NaN here;
+    its Dice of 0 shows the miss). nnU-Net's readers return integer-valued floats, which are accepted."""
+    labels = list(range(1, len(class_names)))
+    segmentation, reference = (np.asarray(array).astype(np.int64) for array in (segmentation, reference))
+    dice = _seams.dice_per_label(segmentation, reference, labels, ignore_label)
+    if ignore_label is not None:
+        ignored = reference == ignore_label
+        segmentation, reference = np.where(ignored, 0, segmentation), np.where(ignored, 0, reference)
+    distances = surface_distances(segmentation, reference, labels, spacing)
+    names = class_names[1:]
+    return {"dice": dict(zip(names, dice)),
+            **{metric: {name: value if math.isfinite(value) else math.nan for name, value in zip(names, values)}
+               for metric, values in distances.items()}}
 
 
 def _json_value(value: Any) -> Any:
@@ -147,6 +180,13 @@ def _mean_over_cases(case_metrics: list[dict[str, Any]], num_classes: int) -> di
     return mean
 
 
+def _segmentation_means(per_case: list[dict[str, dict[str, float | None]]]) -> dict[str, dict[str, float | None]]:
+    """{metric: {class: mean over the cases where it is defined}} of the per-case segmentation metrics."""
+    metrics = {metric: list(values) for metric, values in per_case[0].items()}
+    return {metric: {name: _nanmean([case[metric][name] for case in per_case]) for name in names}
+            for metric, names in metrics.items()}
+
+
 def _dice_from_summary(summary_json: Path, class_names: list[str]) -> dict[str, Any]:
     """Per-class and foreground-mean Dice of nnU-Net's summary.json (keys are label values as strings)."""
     summary = json.loads(summary_json.read_text())
@@ -157,13 +197,16 @@ def _dice_from_summary(summary_json: Path, class_names: list[str]) -> dict[str, 
 
 
 def write_calibration_report(per_case: dict[str, dict[str, CalibrationStats]], output_folder: PathLike,
-                             class_names: list[str], dice_summary_json: PathLike | None = None) -> dict[str, Any]:
+                             class_names: list[str], dice_summary_json: PathLike | None = None,
+                             segmentation: dict[str, dict[str, dict[str, float]]] | None = None) -> dict[str, Any]:
     """Write `calibration.json` and `reliability.png` (foreground scope, pooled) into output_folder; return the
     report written to calibration.json.
 
-    The report holds per-case metrics per scope, a summary per scope (pooled and mean over cases), the pooled
-    accumulator state (so reports can be merged with `CalibrationStats.from_dict`) and, if `dice_summary_json`
-    (nnU-Net's summary.json) exists, its per-class and foreground-mean Dice. Both files are written atomically.
+    The report holds per-case metrics per scope and, from `segmentation` ({case: `segmentation_metrics`}), per-case
+    Dice, HD95 and ASD per class; a summary per scope (pooled and mean over cases) and of the segmentation metrics
+    (mean over cases); the pooled accumulator state (so reports can be merged with `CalibrationStats.from_dict`)
+    and, if `dice_summary_json` (nnU-Net's summary.json) exists, its per-class and foreground-mean Dice. Both files
+    are written atomically; NaN is written as null.
     """
     if not per_case:
         raise ValueError("no cases to report")
@@ -178,9 +221,16 @@ def write_calibration_report(per_case: dict[str, dict[str, CalibrationStats]], o
                        "mean_over_cases": _mean_over_cases([case[scope] for case in metric_per_case.values()],
                                                            num_classes)}
                for scope in scopes}
+    if segmentation:
+        for case, metrics in segmentation.items():
+            metric_per_case[case]["segmentation"] = {metric: {name: _json_value(value) for name, value in
+                                                              values.items()} for metric, values in metrics.items()}
+        summary["segmentation"] = _segmentation_means([metric_per_case[case]["segmentation"]
+                                                       for case in segmentation])
     report: dict[str, Any] = {
         "class_names": list(class_names),
         "n_bins": pooled[scopes[0]].n_bins,
+        "boundary_mm": DEFAULT_DISTANCE_MM if "boundary" in scopes else None,
         "num_cases": len(per_case),
         "summary": summary,
         "metric_per_case": metric_per_case,
@@ -273,9 +323,20 @@ def load_case_files(npz_file: Path, pkl_file: Path, gt_file: Path, info: Dataset
             crop_mask_from_properties(properties, info.transpose_backward))
 
 
-def _evaluate_files(npz_file: Path, pkl_file: Path, gt_file: Path, info: DatasetInfo) -> dict[str, CalibrationStats]:
-    probabilities, segmentation, crop_mask = load_case_files(npz_file, pkl_file, gt_file, info)
-    return evaluate_case(probabilities, segmentation, crop_mask=crop_mask, ignore_label=info.ignore_label)
+def _evaluate_files(npz_file: Path, pkl_file: Path, gt_file: Path, info: DatasetInfo
+                    ) -> tuple[dict[str, CalibrationStats], dict[str, dict[str, float]] | None]:
+    """Calibration statistics of one exported case and, if its segmentation file is there, its segmentation
+    metrics."""
+    probabilities, labels, crop_mask = load_case_files(npz_file, pkl_file, gt_file, info)
+    with open(pkl_file, "rb") as handle:
+        spacing = pickle.load(handle)["spacing"]
+    stats = evaluate_case(probabilities, labels, crop_mask=crop_mask, ignore_label=info.ignore_label,
+                          spacing=spacing)
+    segmentation_file = npz_file.with_name(npz_file.name[: -len(".npz")] + info.file_ending)
+    if not segmentation_file.is_file():
+        return stats, None
+    segmentation = info.reader_class().read_seg(str(segmentation_file))[0][0]
+    return stats, segmentation_metrics(segmentation, labels, info.class_names, spacing, info.ignore_label)
 
 
 def calibrate_prediction_folder(pred_folder: PathLike, gt_folder: PathLike, output_folder: PathLike | None = None,
@@ -284,7 +345,9 @@ def calibrate_prediction_folder(pred_folder: PathLike, gt_folder: PathLike, outp
     (calibration.json, reliability.png) into output_folder (default: pred_folder); returns the report.
 
     dataset.json and plans.json are taken from pred_folder (or, for a validation folder, the model folder above it)
-    for the file ending, labels, reader and transpose. pred_folder/summary.json, if present, adds Dice to the report.
+    for the file ending, labels, reader and transpose. Each case's segmentation (CASE<file_ending>, written by
+    nnU-Net beside the .npz) gives Dice, HD95 and ASD; pred_folder/summary.json, if present, adds nnU-Net's
+    dataset-level Dice.
     """
     pred_folder, gt_folder = Path(pred_folder), Path(gt_folder)
     for folder, role in ((pred_folder, "prediction"), (gt_folder, "ground truth")):
@@ -312,61 +375,26 @@ def calibrate_prediction_folder(pred_folder: PathLike, gt_folder: PathLike, outp
             results = pool.starmap(_evaluate_files, jobs)
     else:
         results = [_evaluate_files(*job) for job in jobs]
+    segmentation = {case: metrics for case, (_, metrics) in zip(cases, results) if metrics is not None}
     dice_summary = pred_folder / "summary.json"
-    return write_calibration_report(dict(zip(cases, results)), output_folder or pred_folder, info.class_names,
-                                    dice_summary if dice_summary.is_file() else None)
+    return write_calibration_report({case: stats for case, (stats, _) in zip(cases, results)},
+                                    output_folder or pred_folder, info.class_names,
+                                    dice_summary if dice_summary.is_file() else None, segmentation)
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
-    """One line per scope: the metrics' mean over cases."""
-    return [f"{scope} (mean over {summary['mean_over_cases']['num_cases']} cases): "
-            + ", ".join(f"{name} {_format(summary['mean_over_cases'][name], missing='n/a')}" for name in _SCALAR_METRICS)
-            for scope, summary in report["summary"].items()]
-
-
-def _find_reports(results_dir: Path) -> list[Path]:
-    if (results_dir / REPORT_FILE).is_file():
-        return [results_dir / REPORT_FILE]
-    found = sorted(results_dir.glob(f"**/validation/{REPORT_FILE}"))
-    if not found:
-        raise FileNotFoundError(f"no {REPORT_FILE} in {results_dir} nor in any validation folder below it: run "
-                                f"`nnunet-margin calibration` on the predictions first")
-    return found
-
-
-_COLUMNS = ("report", "class", "dice", "ece", "classwise_ece", "brier", "nll")
+    """One line per scope (the metrics' mean over cases) and per segmentation metric (its mean per class)."""
+    lines = [f"{scope} (mean over {summary['mean_over_cases']['num_cases']} cases): "
+             + ", ".join(f"{name} {_format(summary['mean_over_cases'][name], missing='n/a')}"
+                         for name in _SCALAR_METRICS)
+             for scope, summary in report["summary"].items() if scope in SCOPES]
+    for metric, per_class in report["summary"].get("segmentation", {}).items():
+        lines.append(f"{metric} per class (mean over cases): "
+                     + ", ".join(f"{name} {_format(value, missing='n/a')}" for name, value in per_class.items()))
+    return lines
 
 
 def _format(value: Any, missing: str = "") -> str:
     if value is None:
         return missing
     return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def compare_reports(results_dirs: list[PathLike]) -> tuple[str, str]:
-    """Markdown and CSV tables comparing calibration reports (foreground scope, mean over cases).
-
-    Each directory holds a calibration.json or is a trainer/fold folder searched for **/validation/calibration.json.
-    One row per report and class, then a 'mean' row: per-class rows give the class's Dice and its own ECE (p_k
-    against 1[y == k]) in the classwise_ece column; the 'mean' row gives the foreground-mean Dice and all metrics.
-    """
-    rows = []
-    for results_dir in results_dirs:
-        for report_file in _find_reports(Path(results_dir)):
-            report = json.loads(report_file.read_text())
-            metrics = report["summary"]["foreground"]["mean_over_cases"]
-            dice = report.get("dice", {})
-            label = str(report_file.parent)
-            for k, name in enumerate(report["class_names"]):
-                rows.append({"report": label, "class": name, "dice": dice.get("per_class", {}).get(name),
-                             "classwise_ece": metrics["class_ece"][k]})
-            rows.append({"report": label, "class": "mean", "dice": dice.get("foreground_mean"),
-                         **{name: metrics[name] for name in _SCALAR_METRICS if name != "mce"}})
-
-    lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
-    lines += ["| " + " | ".join(_format(row.get(column)) for column in _COLUMNS) + " |" for row in rows]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return "\n".join(lines) + "\n", buffer.getvalue()
