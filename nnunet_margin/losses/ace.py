@@ -45,28 +45,26 @@ class _Binning(NamedTuple):
     number of bin centres below p, in [0, bins], with p's weight split between bins left[r] and right[r] as
     (1 - w, w), w = (p - base[r]) * inverse_span[r] (w = 0 below the first and above the last centre)."""
 
-    thresholds: tuple[float, ...]
-    left: tuple[int, ...]
+    soft: bool
+    thresholds: tuple[float, ...]  # one per bin
+    left: tuple[int, ...]  # one per index r
     right: tuple[int, ...]
     base: tuple[float, ...]
     inverse_span: tuple[float, ...]
-
-    @property
-    def is_soft(self) -> bool:
-        return len(self.left) > len(self.thresholds)
 
     @staticmethod
     def for_hard(num_bins: int) -> "_Binning":
         inner = bin_edges(num_bins)[1:]
         bins = tuple(range(num_bins))
-        return _Binning(inner, bins, bins, (0.0,) * num_bins, (0.0,) * num_bins)
+        return _Binning(False, inner, bins, bins, (0.0,) * num_bins, (0.0,) * num_bins)
 
     @staticmethod
     def for_soft(num_bins: int) -> "_Binning":
         centres = bin_edges(2 * num_bins)[1::2]
         indices = range(num_bins + 1)
         interior = [0 < r < num_bins for r in indices]
-        return _Binning(centres, tuple(max(r - 1, 0) for r in indices), tuple(min(r, num_bins - 1) for r in indices),
+        return _Binning(True, centres, tuple(max(r - 1, 0) for r in indices),
+                        tuple(min(r, num_bins - 1) for r in indices),
                         tuple(centres[r - 1] if inside else 0.0 for r, inside in zip(indices, interior)),
                         tuple(1.0 / (centres[r] - centres[r - 1]) if inside else 0.0
                               for r, inside in zip(indices, interior)))
@@ -112,8 +110,8 @@ class _BinnedACEFunction(PrecomputedGradient):
     def forward(ctx, logits, target, valid, binning, empty_weight):
         batch, num_classes, voxels = logits.shape
         dtype, device = logits.dtype, logits.device
-        soft = binning.is_soft
-        num_bins, num_indices = max(binning.right) + 1, len(binning.left)
+        soft = binning.soft
+        num_bins, num_indices = len(binning.thresholds), len(binning.left)
         count_below = _CountBelow(binning.thresholds, dtype, device)
         left = torch.tensor(binning.left, device=device)
         right = torch.tensor(binning.right, device=device)
@@ -198,6 +196,8 @@ class _BinnedACEFunction(PrecomputedGradient):
 
 
 class _BinnedACELoss(SegmentationLoss):
+    """Constructor check and `compute` shared by the hard (empty bin: no voxel) and soft ACE losses."""
+
     soft = False
 
     def __init__(self, num_bins: int = 20, empty_weight: float = 0.0, ignore_index: int | None = None):
@@ -213,8 +213,9 @@ class _BinnedACELoss(SegmentationLoss):
 
 
 class HardL1ACELoss(_BinnedACELoss):
-    """Hard-binned marginal L1 average calibration error loss, hL1-ACE (Barfoot, Garcia Peraza Herrera, Glocker,
-    Vercauteren; MICCAI 2024 / arXiv 2506.03942), as released (cai4cai/Average-Calibration-Losses, hardl1ace.py).
+    """Hard-binned marginal L1 average calibration error loss, hL1-ACE (Barfoot, Garcia-Peraza-Herrera, Glocker,
+    Vercauteren, MICCAI 2024; with Akcay, arXiv 2506.03942), as released (cai4cai/Average-Calibration-Losses,
+    hardl1ace.py).
 
     docs/methods.md 4f and the module docstring: `num_bins` equal-width bins over [0, 1 + eps]; empty bins are left
     out of each image's and class's mean. The ACE term only.
@@ -228,7 +229,7 @@ class HardL1ACELoss(_BinnedACELoss):
 
 
 class SoftL1ACELoss(_BinnedACELoss):
-    """Soft-binned marginal L1 average calibration error loss, sL1-ACE (Barfoot et al.; MICCAI 2024 /
+    """Soft-binned marginal L1 average calibration error loss, sL1-ACE (Barfoot et al., MICCAI 2024 and
     arXiv 2506.03942), as released (cai4cai/Average-Calibration-Losses, softl1ace.py).
 
     docs/methods.md 4f and the module docstring: each voxel's weight is split linearly between the two nearest of
