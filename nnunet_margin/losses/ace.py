@@ -125,26 +125,33 @@ class _BinnedACEFunction(PrecomputedGradient):
         buffer = torch.softmax(logits, dim=1)
         indices = torch.empty(logits.shape, dtype=torch.uint8 if num_indices <= 256 else torch.int64, device=device)
         step = chunk_voxels(buffer)
-        ones = torch.ones((batch, num_classes, min(step, voxels)), dtype=dtype, device=device)
+        one = buffer.new_ones(())
         for part in voxel_chunks(buffer, step):
             p = buffer[:, :, part]
             labels = target[:, :, part]
             index = count_below(p)
             indices[:, :, part] = index
-            offset = p - _lookup(base_in_dtype, index) if soft else p  # hard: base = 0
-            values = [ones[:, :, :p.shape[2]], offset] + ([offset * offset] if soft else [])
-            if valid is not None:
-                counted = valid[:, :, part].to(dtype)
-                values = [counted.expand_as(p)] + [value * counted for value in values[1:]]
+            offset = p  # hard: base = 0
+            if soft:
+                base_at = _lookup(base_in_dtype, index)
+                offset = torch.sub(p, base_at, out=base_at)
+            if valid is None:
+                counted = one.expand_as(p)
+            else:
+                counted = valid[:, :, part].to(dtype).expand_as(p)
+                offset = offset * counted
             chunk = torch.zeros_like(sums, dtype=dtype)
-            for table, value in zip(chunk, values):
-                table.scatter_add_(2, index, value)
-            sums += chunk
+            chunk[0].scatter_add_(2, index, counted)
+            chunk[1].scatter_add_(2, index, offset)
             truth_index = labels * num_indices + index.gather(1, labels)
-            chunk = torch.zeros_like(truth_sums, dtype=dtype)
-            for table, value in zip(chunk, values[:2]):
+            truth_chunk = torch.zeros_like(truth_sums, dtype=dtype)
+            for table, value in zip(truth_chunk, (counted, offset)):
                 table.view(batch, 1, -1).scatter_add_(2, truth_index, value.gather(1, labels))
-            truth_sums += chunk
+            if soft:
+                chunk[2].scatter_add_(2, index, offset.square_())
+            sums += chunk
+            truth_sums += truth_chunk
+            del index, offset, counted, truth_index, p  # free this chunk's scratch before the next one's
 
         def to_bins(at_index, weighted_at_index):
             """Per-index sums -> per-bin sums: weight 1 - w to the left bin, w to the right bin."""
@@ -186,11 +193,13 @@ class _BinnedACEFunction(PrecomputedGradient):
                     slope = g1.gather(2, index)
                     grad_p.addcmul_(slope, p, value=2.0)
                     grad_p.scatter_add_(1, labels, slope.gather(1, labels).neg_())
+                    del slope
                 if valid is not None:
                     grad_p.mul_(valid[:, :, part])
-                # softmax backward: p * (g - sum_k p_k g_k), written over p
-                grad_p -= (p * grad_p).sum(1, keepdim=True)
-                p.mul_(grad_p)
+                # softmax backward: p g - p sum_k p_k g_k, written over p
+                grad_p.mul_(p)
+                p.mul_(grad_p.sum(1, keepdim=True)).neg_().add_(grad_p)
+                del index, grad_p
             PrecomputedGradient.save_gradient(ctx, buffer, "SoftL1ACELoss" if soft else "HardL1ACELoss")
         return loss
 
