@@ -45,28 +45,26 @@ class _Binning(NamedTuple):
     number of bin centres below p, in [0, bins], with p's weight split between bins left[r] and right[r] as
     (1 - w, w), w = (p - base[r]) * inverse_span[r] (w = 0 below the first and above the last centre)."""
 
-    thresholds: tuple[float, ...]
-    left: tuple[int, ...]
+    soft: bool
+    thresholds: tuple[float, ...]  # one per bin
+    left: tuple[int, ...]  # one per index r
     right: tuple[int, ...]
     base: tuple[float, ...]
     inverse_span: tuple[float, ...]
-
-    @property
-    def is_soft(self) -> bool:
-        return len(self.left) > len(self.thresholds)
 
     @staticmethod
     def for_hard(num_bins: int) -> "_Binning":
         inner = bin_edges(num_bins)[1:]
         bins = tuple(range(num_bins))
-        return _Binning(inner, bins, bins, (0.0,) * num_bins, (0.0,) * num_bins)
+        return _Binning(False, inner, bins, bins, (0.0,) * num_bins, (0.0,) * num_bins)
 
     @staticmethod
     def for_soft(num_bins: int) -> "_Binning":
         centres = bin_edges(2 * num_bins)[1::2]
         indices = range(num_bins + 1)
         interior = [0 < r < num_bins for r in indices]
-        return _Binning(centres, tuple(max(r - 1, 0) for r in indices), tuple(min(r, num_bins - 1) for r in indices),
+        return _Binning(True, centres, tuple(max(r - 1, 0) for r in indices),
+                        tuple(min(r, num_bins - 1) for r in indices),
                         tuple(centres[r - 1] if inside else 0.0 for r, inside in zip(indices, interior)),
                         tuple(1.0 / (centres[r] - centres[r - 1]) if inside else 0.0
                               for r, inside in zip(indices, interior)))
@@ -112,8 +110,8 @@ class _BinnedACEFunction(PrecomputedGradient):
     def forward(ctx, logits, target, valid, binning, empty_weight):
         batch, num_classes, voxels = logits.shape
         dtype, device = logits.dtype, logits.device
-        soft = binning.is_soft
-        num_bins, num_indices = max(binning.right) + 1, len(binning.left)
+        soft = binning.soft
+        num_bins, num_indices = len(binning.thresholds), len(binning.left)
         count_below = _CountBelow(binning.thresholds, dtype, device)
         left = torch.tensor(binning.left, device=device)
         right = torch.tensor(binning.right, device=device)
@@ -127,26 +125,33 @@ class _BinnedACEFunction(PrecomputedGradient):
         buffer = torch.softmax(logits, dim=1)
         indices = torch.empty(logits.shape, dtype=torch.uint8 if num_indices <= 256 else torch.int64, device=device)
         step = chunk_voxels(buffer)
-        ones = torch.ones((batch, num_classes, min(step, voxels)), dtype=dtype, device=device)
+        one = buffer.new_ones(())
         for part in voxel_chunks(buffer, step):
             p = buffer[:, :, part]
             labels = target[:, :, part]
             index = count_below(p)
             indices[:, :, part] = index
-            offset = p - _lookup(base_in_dtype, index) if soft else p  # hard: base = 0
-            values = [ones[:, :, :p.shape[2]], offset] + ([offset * offset] if soft else [])
-            if valid is not None:
-                counted = valid[:, :, part].to(dtype)
-                values = [counted.expand_as(p)] + [value * counted for value in values[1:]]
+            offset = p  # hard: base = 0
+            if soft:
+                base_at = _lookup(base_in_dtype, index)
+                offset = torch.sub(p, base_at, out=base_at)
+            if valid is None:
+                counted = one.expand_as(p)
+            else:
+                counted = valid[:, :, part].to(dtype).expand_as(p)
+                offset = offset * counted
             chunk = torch.zeros_like(sums, dtype=dtype)
-            for table, value in zip(chunk, values):
-                table.scatter_add_(2, index, value)
-            sums += chunk
+            chunk[0].scatter_add_(2, index, counted)
+            chunk[1].scatter_add_(2, index, offset)
             truth_index = labels * num_indices + index.gather(1, labels)
-            chunk = torch.zeros_like(truth_sums, dtype=dtype)
-            for table, value in zip(chunk, values[:2]):
+            truth_chunk = torch.zeros_like(truth_sums, dtype=dtype)
+            for table, value in zip(truth_chunk, (counted, offset)):
                 table.view(batch, 1, -1).scatter_add_(2, truth_index, value.gather(1, labels))
-            truth_sums += chunk
+            if soft:
+                chunk[2].scatter_add_(2, index, offset.square_())
+            sums += chunk
+            truth_sums += truth_chunk
+            del index, offset, counted, truth_index, p  # free this chunk's scratch before the next one's
 
         def to_bins(at_index, weighted_at_index):
             """Per-index sums -> per-bin sums: weight 1 - w to the left bin, w to the right bin."""
@@ -188,16 +193,20 @@ class _BinnedACEFunction(PrecomputedGradient):
                     slope = g1.gather(2, index)
                     grad_p.addcmul_(slope, p, value=2.0)
                     grad_p.scatter_add_(1, labels, slope.gather(1, labels).neg_())
+                    del slope
                 if valid is not None:
                     grad_p.mul_(valid[:, :, part])
-                # softmax backward: p * (g - sum_k p_k g_k), written over p
-                grad_p -= (p * grad_p).sum(1, keepdim=True)
-                p.mul_(grad_p)
+                # softmax backward: p g - p sum_k p_k g_k, written over p
+                grad_p.mul_(p)
+                p.mul_(grad_p.sum(1, keepdim=True)).neg_().add_(grad_p)
+                del index, grad_p
             PrecomputedGradient.save_gradient(ctx, buffer, "SoftL1ACELoss" if soft else "HardL1ACELoss")
         return loss
 
 
 class _BinnedACELoss(SegmentationLoss):
+    """Constructor check and `compute` shared by the hard (empty bin: no voxel) and soft ACE losses."""
+
     soft = False
 
     def __init__(self, num_bins: int = 20, empty_weight: float = 0.0, ignore_index: int | None = None):
@@ -213,8 +222,9 @@ class _BinnedACELoss(SegmentationLoss):
 
 
 class HardL1ACELoss(_BinnedACELoss):
-    """Hard-binned marginal L1 average calibration error loss, hL1-ACE (Barfoot, Garcia Peraza Herrera, Glocker,
-    Vercauteren; MICCAI 2024 / arXiv 2506.03942), as released (cai4cai/Average-Calibration-Losses, hardl1ace.py).
+    """Hard-binned marginal L1 average calibration error loss, hL1-ACE (Barfoot, Garcia-Peraza-Herrera, Glocker,
+    Vercauteren, MICCAI 2024; with Akcay, arXiv 2506.03942), as released (cai4cai/Average-Calibration-Losses,
+    hardl1ace.py).
 
     docs/methods.md 4f and the module docstring: `num_bins` equal-width bins over [0, 1 + eps]; empty bins are left
     out of each image's and class's mean. The ACE term only.
@@ -228,7 +238,7 @@ class HardL1ACELoss(_BinnedACELoss):
 
 
 class SoftL1ACELoss(_BinnedACELoss):
-    """Soft-binned marginal L1 average calibration error loss, sL1-ACE (Barfoot et al.; MICCAI 2024 /
+    """Soft-binned marginal L1 average calibration error loss, sL1-ACE (Barfoot et al., MICCAI 2024 and
     arXiv 2506.03942), as released (cai4cai/Average-Calibration-Losses, softl1ace.py).
 
     docs/methods.md 4f and the module docstring: each voxel's weight is split linearly between the two nearest of

@@ -49,18 +49,20 @@ class _CALSFunction(PrecomputedGradient):
 
         lambdas, rhos = lambdas.view(1, -1, 1), rhos.view(1, -1, 1)
         best, winner = logits.max(dim=1, keepdim=True)
-        active_sum = logits.new_zeros(())  # sum of max(0, x)^2 / (2 rho) over the counted voxels and classes
+        active_sum = logits.new_zeros(num_classes)  # per class: sum of max(0, x)^2 over the counted voxels
         for part in voxel_chunks(logits, chunk_voxels(logits)):
             active = _constraint(logits[:, :, part], best[:, :, part], margin).mul_(rhos).add_(lambdas).clamp_min_(0.0)
             if valid is not None:
                 active.mul_(valid[:, :, part])
-            active_sum += (active.square() / (2.0 * rhos)).sum()
+            active_sum += active.square().sum(dim=(0, 2))
             if needs_grad:
                 active.mul_(slope)
                 gradient[:, :, part].sub_(active)
                 gradient[:, :, part].scatter_add_(1, winner[:, :, part], active.sum(1, keepdim=True))
-        # every counted entry also holds the constant -lambda_k^2 / (2 rho_k)
-        penalty = (active_sum - num_valid * (lambdas.square() / (2.0 * rhos)).sum()) / (divisor * num_classes)
+            del active  # before the next chunk's
+        # P = (max(0, x)^2 - lambda^2) / (2 rho): every counted entry holds the -lambda_k^2 / (2 rho_k)
+        penalty = ((active_sum - num_valid * lambdas.view(-1).square()) / (2.0 * rhos.view(-1))).sum()
+        penalty = penalty / (divisor * num_classes)
         if needs_grad:
             PrecomputedGradient.save_gradient(ctx, gradient, "CALSLoss")
         ctx.mark_non_differentiable(ce, penalty)

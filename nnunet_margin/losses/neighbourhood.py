@@ -94,6 +94,7 @@ class _SVLSFunction(PrecomputedGradient):
             if needs_grad:
                 scale = voxel_scale if valid is None else voxel_scale[:, :, part]
                 soft_target.neg_().add_(log_p.exp_().mul_(scale))
+            del log_p  # before the next chunk's
         if needs_grad:
             PrecomputedGradient.save_gradient(ctx, buffer, "SVLSLoss")
         return loss

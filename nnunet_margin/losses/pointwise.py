@@ -118,6 +118,7 @@ class _ConfidencePenaltyFunction(PrecomputedGradient):
             entropy_sum += _mask(entropy, None if valid is None else valid[:, :, part]).sum()
             if needs_grad:
                 log_p.add_(entropy).mul_(beta).add_(1.0).mul_(p)  # p (1 + beta (l + H)), written over l
+            del p, entropy  # before the next chunk's
         penalty = entropy_sum.neg() * beta / divisor
         if needs_grad:
             gradient = buffer
