@@ -74,6 +74,8 @@ def all_losses() -> dict[str, SegmentationLoss]:
             continue
         if cls is losses_module.MarginCalibrationLoss:
             made[name] = cls(*margin_offsets([500, 300, 150, 50]), ignore_index=4)
+        elif cls is losses_module.CALSLoss:
+            made[name] = cls(4, ignore_index=4)
         else:
             made[name] = cls(ignore_index=4)
     return made
@@ -105,8 +107,11 @@ def test_loss_forward_and_backward_make_no_host_synchronisation(name):
     assert dict(calls) == {}, "the input checks must stay asynchronous"
 
 
+# One trainer per loss (the named variants differ only in hyper-parameters), Dice variants for the Dice term.
 PLUGIN_TRAINERS = ["nnUNetTrainerWithCalibration", "nnUNetTrainerMarginCalib", "nnUNetTrainerMarginCalibDice",
-                   "nnUNetTrainerMbLS", "nnUNetTrainerMbLSDice"]
+                   "nnUNetTrainerMbLS", "nnUNetTrainerMbLSDice", "nnUNetTrainerFocal", "nnUNetTrainerLS",
+                   "nnUNetTrainerECP", "nnUNetTrainerSVLS", "nnUNetTrainerNACL", "nnUNetTrainerHardL1ACE",
+                   "nnUNetTrainerSoftL1ACE", "nnUNetTrainerCALSDice"]
 
 
 @pytest.fixture(scope="module")
@@ -121,17 +126,18 @@ def trainer_inputs(nnunet_env, tmp_path_factory):
         yield plans, dataset_json
 
 
-def one_train_step_calls(trainer_class, plans, dataset_json) -> collections.Counter:
-    trainer = trainer_class({**plans, "continue_training": False}, "3d_fullres", 0, dataset_json,
-                            device=torch.device("cpu"))
-    trainer.initialize()
-    trainer.network.train()
+def batch_for(trainer) -> dict:
     patch = trainer.configuration_manager.patch_size
     generator = torch.Generator().manual_seed(0)
     targets = [torch.randint(0, 4, (2, 1, *[max(1, round(p * s)) for p, s in zip(patch, scale)]),
                              generator=generator).float()
                for scale in trainer._get_deep_supervision_scales()]
-    batch = {"data": torch.randn(2, 1, *patch, generator=generator), "target": targets}
+    return {"data": torch.randn(2, 1, *patch, generator=generator), "target": targets}
+
+
+def train_step_calls(trainer) -> collections.Counter:
+    trainer.network.train()
+    batch = batch_for(trainer)
     with counting_syncs() as calls:
         trainer.train_step(batch)
     return calls
@@ -139,7 +145,19 @@ def one_train_step_calls(trainer_class, plans, dataset_json) -> collections.Coun
 
 def test_train_step_adds_no_synchronisation_to_nnunets(trainer_inputs):
     plans, dataset_json = trainer_inputs
-    reference = one_train_step_calls(trainers.nnUNetTrainer, plans, dataset_json)
+
+    def initialized(trainer_class):
+        trainer = trainer_class({**plans, "continue_training": False}, "3d_fullres", 0, dataset_json,
+                                device=torch.device("cpu"))
+        trainer.initialize()
+        return trainer
+
+    reference = train_step_calls(initialized(trainers.nnUNetTrainer))
     assert reference == {"Tensor.cpu": 1, "Tensor.numpy": 1}  # nnU-Net's own: l.detach().cpu().numpy()
-    for name in PLUGIN_TRAINERS:
-        assert one_train_step_calls(getattr(trainers, name), plans, dataset_json) == reference, name
+    trainer = initialized(trainers.nnUNetTrainerWithCalibration)
+    assert train_step_calls(trainer) == reference
+    for name in PLUGIN_TRAINERS[1:]:
+        # one initialised trainer, switched to each class: their train_step is shared, their losses differ
+        trainer.__class__ = getattr(trainers, name)
+        trainer.loss, trainer._part_sums = trainer._build_loss(), None
+        assert train_step_calls(trainer) == reference, name
