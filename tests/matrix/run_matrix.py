@@ -246,11 +246,11 @@ class CellRun:
 
 
 def summary_line(result: Result) -> str:
+    if result.status == "SKIP":
+        return f"SKIP {result.cell.name}: {result.detail}"
     versions = result.versions
     line = (f"{result.status} {result.cell.name}: Python {versions.get('python', result.cell.python)}, "
             f"nnunetv2 {versions.get('nnunetv2', '?')}, torch {versions.get('torch', '?')}")
-    if result.status == "SKIP":
-        return f"{line} ({result.detail})"
     line += f" ({result.seconds['total']:.0f} s)"
     if result.status == "FAIL":
         line += f" at step {result.failed_step}:\n" + "\n".join(f"    {text}" for text in result.detail.splitlines())
@@ -288,8 +288,8 @@ def markdown(results: list[Result], trainer: str, date: str) -> str:
         "`nnunet-margin trainers-path` with nnU-Net's trainer lookup of the plugin trainers, then, on a synthetic",
         "dataset (6 training and 2 test cases of 24^3), `nnUNetv2_plan_and_preprocess`, a one-epoch `nnUNetv2_train`",
         f"of `{trainer}` on the CPU (2 iterations; its final validation must write `validation/calibration.json`)",
-        "and `nnUNetv2_predict` of the test images. The venvs stay in `.matrix/venvs/`, so `install s` is the first",
-        "run's download and install only; wall-clock seconds on 2 shared cores, indicative only. Full logs of each step:",
+        "and `nnUNetv2_predict` of the test images. The venvs stay in `.matrix/venvs/`, so `install s` is large only on",
+        "a cell's first run (downloads); wall-clock seconds on 2 shared cores, indicative only. Full logs of each step:",
         "`.matrix/runs/<cell>/logs/`.",
         "",
         f"Run started: {date}  ",
