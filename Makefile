@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench clean
+.PHONY: test demo bench clean test-matrix
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/bench_losses.py
 	$(VENV)/bin/python bench/bench_calibration.py
 	$(VENV)/bin/python bench/bench_validation.py
+
+# Not in CI: the wheel in fresh venvs of Python 3.10-3.13 and nnunetv2 2.8.x (other Pythons download torch, several
+# GB; the venvs stay in .matrix/ for reruns). Writes docs/version-matrix.md. MATRIX_ARGS="--cells NAME..." for a subset.
+MATRIX_ARGS ?=
+test-matrix: $(STAMP)
+	$(VENV)/bin/python tests/matrix/run_matrix.py $(MATRIX_ARGS)
 
 clean:
 	rm -rf $(VENV) demo_output build dist *.egg-info
