@@ -154,7 +154,7 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
         if missing:
             raise KeyError(f"no {' and no '.join(sorted(missing))}")
     except (RuntimeError, OSError, EOFError, ValueError, KeyError, TypeError) as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        message = str(error).splitlines()[0].split(". ")[0] if str(error) else type(error).__name__
         raise ValueError(f"cannot read checkpoint {path} ({message}): it is truncated or not an nnU-Net checkpoint; "
                          f"restore it, or train the fold again") from None
     return checkpoint
