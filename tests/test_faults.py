@@ -26,6 +26,7 @@ import torch
 
 from nnunet_margin import cli
 from nnunet_margin.nnunet import temperature
+from nnunet_margin.nnunet.calibration_report import compare_reports
 from nnunet_margin.nnunet.portable import EXPORT_INFO_FILE, PlainNetwork, export_portable
 from nnunet_margin.nnunet.provenance import PROVENANCE_FILE, file_sha256
 from nnunet_margin.nnunet.temperature import TEMPERATURE_FILE, TrainedModel, fit_model_temperatures
@@ -366,6 +367,8 @@ def test_corrupt_calibration_report_is_named(tmp_path, capsys):
     report.write_text('{"summary": ')
     code = cli.main(["compare", str(tmp_path / "run")])
     assert_clear_error(code, capsys.readouterr().err, str(report), "nnunet-margin calibration")
+    with pytest.raises(ValueError, match=f"{report} is not valid JSON"):
+        compare_reports([tmp_path / "run"])
 
 
 def test_truncated_prediction_is_named_by_the_calibration_command(model, nnunet_env, tmp_path, capsys):
