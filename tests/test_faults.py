@@ -326,7 +326,7 @@ BROKEN_FILES = {
     "truncated checkpoint": (_first("fold_0/checkpoint_final.pth"), _truncate, ["export-portable", "OUT"],
                              "train the fold again"),
     "corrupt temperature.json": (lambda model: model / "fold_0" / TEMPERATURE_FILE, _garble,
-                                 ["export-portable", "OUT", "--temperature"], "refit with nnunet-margin fit-temperature"),
+                                 ["export-portable", "OUT", "--temperature"], "refit with nnunet-margin"),
 }
 
 
