@@ -115,22 +115,32 @@ def _compare_command(args: argparse.Namespace) -> int:
 
 
 def _fit_temperature_command(args: argparse.Namespace) -> int:
-    from .nnunet.temperature import TEMPERATURE_FILE, fit_model_temperatures, temperature_table
+    import warnings
 
-    records = fit_model_temperatures(args.model_folder, args.folds, args.scope, args.num_processes)
+    from .nnunet.temperature import (TEMPERATURE_FILE, TemperatureAtBoundWarning, bound_warning,
+                                     fit_model_temperatures, temperature_table)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TemperatureAtBoundWarning)  # printed below, after the table
+        records = fit_model_temperatures(args.model_folder, args.folds, args.scope, args.num_processes)
     print(temperature_table(records), end="")
     print(f"wrote {TEMPERATURE_FILE} into " + ", ".join(str(Path(args.model_folder) / fold) for fold in records))
+    for fold, record in records.items():
+        message = bound_warning(fold, record)
+        if message is not None:
+            print(f"nnunet-margin fit-temperature: warning: {message}", file=sys.stderr)
     return 0
 
 
 def _export_portable_command(args: argparse.Namespace) -> int:
-    from .nnunet.portable import BASE_TRAINER, export_portable
+    from .nnunet.portable import export_portable
     from .nnunet.temperature import TrainedModel
 
-    exported = TrainedModel.load(export_portable(args.model_folder, args.out, args.temperature, args.folds))
+    exported = TrainedModel.load(export_portable(args.model_folder, args.out, args.temperature, args.folds,
+                                                 args.name, args.overwrite, args.allow_bound))
     print(f"wrote {exported.folder}\npredict with plain nnU-Net:\n  nnUNet_results={Path(args.out).resolve()} "
           f"nnUNetv2_predict -d {exported.dataset_name} -c {exported.configuration} -p {exported.plans} "
-          f"-tr {BASE_TRAINER} -i INPUT -o OUTPUT")
+          f"-tr {exported.trainer} -i INPUT -o OUTPUT")
     return 0
 
 
@@ -222,13 +232,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("export-portable", help="copy a trained model so that plain nnU-Net (without this "
                                                       "plugin) loads it, as trainer nnUNetTrainer")
     sub.add_argument("model_folder", help="trained model folder nnUNet_results/DatasetXXX/TRAINER__PLANS__CONF")
-    sub.add_argument("out", help="an nnUNet_results-style root: the copy goes to "
-                                 "OUT/DatasetXXX/nnUNetTrainer__PLANS__CONF")
+    sub.add_argument("out", help="an nnUNet_results-style root outside the model's results tree: the copy goes to "
+                                 "OUT/DatasetXXX/NAME__PLANS__CONF")
     sub.add_argument("--temperature", action="store_true",
                      help="fold each fold's fitted temperature (fold_X/temperature.json from fit-temperature) into "
                           "its final layer")
     sub.add_argument("-f", "--folds", nargs="+", default=None,
                      help="folds to export (default: every fold_X with checkpoint_final.pth)")
+    sub.add_argument("--name", default="nnUNetTrainer", metavar="TRAINER_FOLDER_NAME",
+                     help="trainer part of the copy's folder name (default nnUNetTrainer), e.g. nnUNetTrainer_mbls_T "
+                          "to keep several copies of one dataset side by side; plain nnU-Net loads it with "
+                          "-tr TRAINER_FOLDER_NAME (the checkpoints name nnUNetTrainer either way)")
+    sub.add_argument("--overwrite", action="store_true",
+                     help="replace an earlier export of the same model in that folder (never any other folder)")
+    sub.add_argument("--allow-bound", dest="allow_bound", action="store_true",
+                     help="with --temperature: fold in a temperature at a bound of fit-temperature's search too")
     sub.set_defaults(func=_export_portable_command)
 
     sub = commands.add_parser("benchmark", help="train, validate, (post-hoc calibrate, test) and compare several "

@@ -30,6 +30,7 @@ from nnunet_margin.calibration import CalibrationStats, TemperatureFit, apply_te
 from nnunet_margin.nnunet import temperature
 from nnunet_margin import cli
 from nnunet_margin.nnunet.portable import export_portable
+from nnunet_margin.nnunet.provenance import PROVENANCE_FILE, file_sha256, record_validation
 from nnunet_margin.nnunet.temperature import fit_model_temperatures
 
 from conftest import DATASET_ID, DATASET_NAME
@@ -38,6 +39,9 @@ pytestmark = pytest.mark.e2e
 
 TRAINER = "nnUNetTrainerMarginCalib_demo"
 PORTABLE = "nnUNetTrainer__nnUNetPlans__3d_fullres"
+# A portable copy under its own trainer folder name; its checkpoints still name nnUNetTrainer.
+NAMED = "nnUNetTrainer_mbls_T"
+REFRESH = f"nnUNetv2_train {DATASET_NAME} 3d_fullres 0 -tr {TRAINER} -p nnUNetPlans --val --npz"
 PREDICT_FLAGS = ("--save_probabilities", "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_tta")
 FINAL_LAYER = "decoder.seg_layers.2."  # 4 stages in the synthetic dataset's plans: 3 decoder stages
 # Runs an nnU-Net console script (argv[1] = "module:function") with the plugin unimportable.
@@ -167,24 +171,28 @@ def assert_record_matches_independent_fit(record: dict, fold: Path, gt_folder: P
 def test_fit_temperature_minimises_the_validation_nll(env, trained, fitted, capsys):
     gt_folder = env.preprocessed / "gt_segmentations"
     assert_record_matches_independent_fit(fitted, trained / "fold_0", gt_folder, "foreground")
-    assert json.loads((trained / "fold_0" / "temperature.json").read_text()) == fitted
+    written = json.loads((trained / "fold_0" / "temperature.json").read_text())
+    assert json.dumps(written, sort_keys=True) == json.dumps(fitted, sort_keys=True)  # NaN-safe comparison
 
     assert cli.main(["fit-temperature", str(trained), "-f", "0"]) == 0
     table = capsys.readouterr().out
-    assert f"| fold_0 | foreground | {fitted['temperature']:.4f} |" in table
+    # a 2-iteration model may be worse than uniform, with T at the search bound
+    bound = "" if fitted["at_bound"] is None else f" ({fitted['at_bound']} bound)"
+    assert f"| fold_0 | foreground | {fitted['temperature']:.4f}{bound} |" in table
     assert f"{fitted['before']['nll']:.4f} -> {fitted['after']['nll']:.4f}" in table
 
 
 def test_fit_temperature_runs_nnunet_validation_when_probabilities_are_missing(env, trained, tmp_path, monkeypatch,
                                                                                capsys):
-    model = copy_model(trained, tmp_path, ignore=("*.npz", "temperature.json"))
+    model = copy_model(trained, tmp_path, ignore=("*.npz", "temperature.json", PROVENANCE_FILE))
     commands = []
 
     def nnunet_validation(command, **kwargs):
-        """Stands in for nnUNetv2_train --val --npz: writes the probabilities the real one wrote in training."""
+        """Stands in for nnUNetv2_train --val --npz: writes the probabilities the real one wrote in training, then
+        summary.json (nnU-Net writes it when every case is exported)."""
         commands.append(command)
-        for npz in (trained / "fold_0" / "validation").glob("*.npz"):
-            shutil.copy(npz, model / "fold_0" / "validation")
+        for name in [npz.name for npz in (trained / "fold_0" / "validation").glob("*.npz")] + ["summary.json"]:
+            shutil.copy(trained / "fold_0" / "validation" / name, model / "fold_0" / "validation")
         return subprocess.CompletedProcess(command, 0)
 
     monkeypatch.setattr(temperature.subprocess, "run", nnunet_validation)
@@ -200,6 +208,9 @@ def test_fit_temperature_runs_nnunet_validation_when_probabilities_are_missing(e
                            "-device", "cpu"]
     assert "no validation probabilities (.npz); running nnU-Net's validation" in capsys.readouterr().out
     assert_record_matches_independent_fit(record, model / "fold_0", env.preprocessed / "gt_segmentations", "crop")
+    # the validation it ran is recorded as that of the current checkpoint
+    provenance = json.loads((model / "fold_0" / "validation" / PROVENANCE_FILE).read_text())
+    assert provenance["sha256"] == file_sha256(model / "fold_0" / "checkpoint_final.pth")
 
 
 def test_export_with_temperature_reproduces_the_tempered_plugin_prediction(env, trained, images, plugin_prediction,
@@ -231,12 +242,14 @@ def test_export_with_temperature_reproduces_the_tempered_plugin_prediction(env, 
     assert f"{DATASET_NAME}/{PORTABLE}/fold_0/checkpoint_final.pth" in zipfile.ZipFile(archive).namelist()
 
 
-def test_export_without_temperature_reproduces_the_plugin_prediction(env, trained, images, plugin_prediction,
+def test_export_under_its_own_name_reproduces_the_plugin_prediction(env, trained, images, plugin_prediction,
                                                                      tmp_path):
+    """--name NAME: plain nnUNetv2_predict finds the folder with -tr NAME and rebuilds the network from the class
+    the checkpoints name (nnUNetTrainer), so the name needs no trainer class."""
     source = tree_digest(trained)
-    exported = export_portable(trained, tmp_path / "portable")
+    exported = export_portable(trained, tmp_path / "portable", name=NAMED)
     assert tree_digest(trained) == source
-    assert exported == tmp_path / "portable" / DATASET_NAME / PORTABLE
+    assert exported == tmp_path / "portable" / DATASET_NAME / f"{NAMED}__nnUNetPlans__3d_fullres"
     for name in ("checkpoint_final.pth", "checkpoint_best.pth"):
         original = torch.load(trained / "fold_0" / name, weights_only=False)
         copy = torch.load(exported / "fold_0" / name, weights_only=False)
@@ -248,7 +261,7 @@ def test_export_without_temperature_reproduces_the_plugin_prediction(env, traine
 
     prediction = tmp_path / "prediction"
     run_plain_nnunet(env, "nnUNetv2_predict", "-i", str(images), "-o", str(prediction), "-d", str(DATASET_ID),
-                     "-c", "3d_fullres", "-f", "0", "-tr", "nnUNetTrainer", *PREDICT_FLAGS,
+                     "-c", "3d_fullres", "-f", "0", "-tr", NAMED, *PREDICT_FLAGS,
                      nnUNet_results=str(tmp_path / "portable"))
     case = next(plugin_prediction.glob("*.npz")).stem
     for portable_output, plugin_output in zip(read_prediction(prediction, case),
@@ -258,7 +271,8 @@ def test_export_without_temperature_reproduces_the_plugin_prediction(env, traine
 
 def test_export_folds_the_fitted_temperature_into_the_final_layer(trained, fitted, tmp_path):
     source = tree_digest(trained)
-    exported = export_portable(trained, tmp_path, temperature=True, folds=["0"])
+    # a 2-iteration model may be worse than uniform (T at the search bound): folding is checked either way
+    exported = export_portable(trained, tmp_path, temperature=True, folds=["0"], allow_bound=True)
     assert tree_digest(trained) == source
     original = torch.load(trained / "fold_0" / "checkpoint_final.pth", weights_only=False)["network_weights"]
     scaled = torch.load(exported / "fold_0" / "checkpoint_final.pth", weights_only=False)["network_weights"]
@@ -315,7 +329,130 @@ def test_export_with_temperature_needs_fitted_temperatures(trained, tmp_path):
         export_portable(model, tmp_path / "portable", temperature=True)
 
 
-def test_export_refuses_to_overwrite_the_model_itself(trained, tmp_path):
-    model = copy_model(trained, tmp_path, name=PORTABLE)
-    with pytest.raises(ValueError, match="would overwrite the model itself"):
-        export_portable(model, tmp_path)
+def test_export_never_writes_into_the_source_or_another_model(trained, tmp_path, monkeypatch, capsys):
+    """The reported failure: `export-portable MODEL $nnUNet_results` replaced the checkpoints and summary of the
+    user's own nnUNetTrainer model there; `export-portable MODEL MODEL` wrote a nested copy into the model."""
+    results = tmp_path / "results"
+    model = copy_model(trained, results)
+    copy_model(trained, results, name=PORTABLE)  # the user's own plain nnUNetTrainer model
+    elsewhere = copy_model(trained, tmp_path / "downloaded")
+    monkeypatch.setenv("nnUNet_results", str(results))
+    before = tree_digest(results)
+    refusals = [
+        ([str(model), str(results)], "contains the model folder"),
+        ([str(model), str(model.parent)], "contains the model folder"),
+        ([str(model), str(model)], "lies inside the model folder"),
+        ([str(model), str(model / "fold_0")], "lies inside the model folder"),
+        ([str(elsewhere), str(results), "--overwrite"], "in the nnUNet_results nnU-Net is using"),
+    ]
+    for arguments, reason in refusals:
+        assert cli.main(["export-portable", *arguments]) == 2, arguments
+        error = capsys.readouterr().err
+        assert reason in error and "choose" in error and len(error.splitlines()) == 1, error
+    monkeypatch.delenv("nnUNet_results")
+    assert cli.main(["export-portable", str(elsewhere), str(results), "--overwrite"]) == 2
+    assert "is no export of nnunet-margin" in capsys.readouterr().err
+    assert tree_digest(results) == before
+
+
+def test_export_refreshes_only_its_own_export(trained, tmp_path, capsys):
+    first = copy_model(trained, tmp_path / "first")
+    shutil.copytree(first / "fold_0", first / "fold_1")
+    second = copy_model(trained, tmp_path / "second")
+    out = tmp_path / "portable"
+    exported = export_portable(first, out)
+    assert sorted(path.name for path in exported.glob("fold_*")) == ["fold_0", "fold_1"]
+    before = tree_digest(out)
+
+    # another model into the same folder would mix folds (nnUNetv2_predict -f 0 1 would ensemble two models)
+    assert cli.main(["export-portable", str(second), str(out), "--overwrite"]) == 2
+    assert f"holds the export of another model ({first})" in capsys.readouterr().err
+    assert cli.main(["export-portable", str(first), str(out)]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert tree_digest(out) == before
+
+    assert cli.main(["export-portable", str(first), str(out), "-f", "0", "--overwrite"]) == 0
+    assert sorted(path.name for path in exported.glob("fold_*")) == ["fold_0"]  # nothing of the old export is left
+    assert json.loads((exported / "export_info.json").read_text())["folds"] == ["fold_0"]
+    assert cli.main(["export-portable", str(second), str(out), "--name", NAMED]) == 0
+    assert f"-tr {NAMED}" in capsys.readouterr().out
+    info = json.loads((out / DATASET_NAME / f"{NAMED}__nnUNetPlans__3d_fullres" / "export_info.json").read_text())
+    assert info["source"] == str(second) and (exported / "export_info.json").is_file()
+    assert cli.main(["export-portable", str(second), str(out), "--name", "nnUNetTrainer__x"]) == 2
+    assert "not a usable trainer folder name" in capsys.readouterr().err
+
+
+def retrain(model: Path) -> None:
+    """Stands in for retraining fold 0: a new checkpoint_final.pth (other weights)."""
+    path = model / "fold_0" / "checkpoint_final.pth"
+    checkpoint = torch.load(path, weights_only=False)
+    checkpoint["network_weights"] = {key: value + 1 if value.is_floating_point() else value
+                                     for key, value in checkpoint["network_weights"].items()}
+    torch.save(checkpoint, path)
+
+
+def stale_after_retraining_without_npz(model: Path) -> None:
+    """Retrained without --npz: the plugin's final validation records the new checkpoint but writes no .npz, so
+    the previous model's stay behind."""
+    retrain(model)
+    record_validation(model / "fold_0")
+
+
+def stale_without_record(model: Path) -> None:
+    """A model of nnU-Net's own trainer (no provenance record), retrained without --npz."""
+    (model / "fold_0" / "validation" / PROVENANCE_FILE).unlink()
+    retrain(model)
+
+
+def interrupted_validation(model: Path) -> None:
+    """`--val --npz` interrupted after rewriting one case: that .npz is newer than summary.json."""
+    npz = sorted((model / "fold_0" / "validation").glob("*.npz"))[0]
+    npz.write_bytes(npz.read_bytes())
+
+
+@pytest.mark.parametrize("make_stale, reason", [
+    (stale_after_retraining_without_npz, "older than checkpoint_final.pth"),
+    (stale_without_record, "older than checkpoint_final.pth"),
+    (interrupted_validation, "did not finish"),
+])
+def test_fit_temperature_refuses_stale_or_incomplete_probabilities(trained, tmp_path, capsys, make_stale, reason):
+    model = copy_model(trained, tmp_path, ignore=("temperature.json",))
+    make_stale(model)
+    assert cli.main(["fit-temperature", str(model)]) == 2
+    error = capsys.readouterr().err
+    assert reason in error and f"Refresh them with `{REFRESH}`" in error and len(error.splitlines()) == 1, error
+    assert not (model / "fold_0" / "temperature.json").exists()
+
+
+def _bound_probabilities(labels: np.ndarray, side: str) -> np.ndarray:
+    """'upper': confident and always wrong (worse than uniform); 'lower': always right (T -> 0 keeps helping)."""
+    predicted = (labels + 1) % 4 if side == "upper" else labels
+    return np.where(np.arange(4)[:, None, None, None] == predicted[None], 0.97, 0.01).astype(np.float32)
+
+
+@pytest.mark.parametrize("side, meaning", [("upper", "worse than uniform"), ("lower", "degenerate")])
+def test_temperature_at_a_bound_is_recorded_explained_and_not_exported_silently(env, trained, tmp_path, capsys,
+                                                                                side, meaning):
+    model = copy_model(trained, tmp_path / "source", ignore=("temperature.json",))
+    validation = model / "fold_0" / "validation"
+    for npz in validation.glob("*.npz"):
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(env.preprocessed / "gt_segmentations" /
+                                                           f"{npz.stem}.nii.gz"))).astype(np.int64)
+        np.savez_compressed(npz, probabilities=_bound_probabilities(labels, side))
+    (validation / "summary.json").write_bytes((validation / "summary.json").read_bytes())  # validation finished
+
+    assert cli.main(["fit-temperature", str(model)]) == 0
+    output = capsys.readouterr()
+    record = json.loads((model / "fold_0" / "temperature.json").read_text())
+    assert (record["at_bound"], record["temperature"]) == (side, 100.0 if side == "upper" else 0.01)
+    assert f"({side} bound) |" in output.out
+    assert "warning: fold_0" in output.err and meaning in output.err and "--allow-bound" in output.err
+
+    out = tmp_path / "portable"
+    assert cli.main(["export-portable", str(model), str(out), "--temperature"]) == 2
+    error = capsys.readouterr().err
+    assert str(model / "fold_0" / "temperature.json") in error and "--allow-bound" in error and meaning in error
+    assert not out.exists()
+    assert cli.main(["export-portable", str(model), str(out), "--temperature", "--allow-bound"]) == 0
+    info = json.loads((out / DATASET_NAME / PORTABLE / "export_info.json").read_text())
+    assert info["temperatures_at_bound"] == {"fold_0": side}

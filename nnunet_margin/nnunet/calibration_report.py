@@ -22,6 +22,8 @@ import math
 import multiprocessing
 import os
 import pickle
+import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import reduce
@@ -274,8 +276,20 @@ def _find_model_file(pred_folder: Path, name: str) -> Path:
 def load_dataset_info(pred_folder: Path) -> DatasetInfo:
     from ._seams import PlansManager
 
-    dataset_json = json.loads(_find_model_file(pred_folder, "dataset.json").read_text())
-    plans_manager = PlansManager(str(_find_model_file(pred_folder, "plans.json")))
+    def corrupt(path: Path, error: ValueError) -> ValueError:
+        return ValueError(f"{path} is not valid JSON ({error}): it is corrupt or truncated; copy it again from the "
+                          f"trained model folder (nnUNet_results/DatasetXXX/TRAINER__PLANS__CONF)")
+
+    dataset_file = _find_model_file(pred_folder, "dataset.json")
+    plans_file = _find_model_file(pred_folder, "plans.json")
+    try:
+        dataset_json = json.loads(dataset_file.read_text())
+    except ValueError as error:
+        raise corrupt(dataset_file, error) from None
+    try:
+        plans_manager = PlansManager(str(plans_file))
+    except ValueError as error:
+        raise corrupt(plans_file, error) from None
     label_manager = plans_manager.get_label_manager(dataset_json)
     if label_manager.has_regions:
         raise ValueError("region-based datasets predict independent sigmoid probabilities, not one categorical "
@@ -299,14 +313,33 @@ def load_case_files(npz_file: Path, pkl_file: Path, gt_file: Path, info: Dataset
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Probabilities (K, *spatial), integer ground truth (*spatial) and crop mask of one exported case, checked
     against each other and dataset.json."""
-    with np.load(npz_file) as data:
-        if "probabilities" not in data.files:
-            raise ValueError(f"{npz_file} has no 'probabilities' array (keys: {data.files}); it is not an nnU-Net "
-                             f"probability export")
-        probabilities = data["probabilities"]
-    with open(pkl_file, "rb") as handle:
-        properties = pickle.load(handle)
-    segmentation, _ = info.reader_class().read_seg(str(gt_file))
+    rewrite = ("rewrite it with nnUNetv2_predict --save_probabilities (a validation folder: nnUNetv2_train DATASET "
+               "CONFIGURATION FOLD -tr TRAINER -p PLANS --val --npz)")
+    try:
+        with np.load(npz_file) as data:
+            arrays = {name: data[name] for name in data.files if name == "probabilities"}
+            keys = data.files
+    except (EOFError, ValueError, zipfile.BadZipFile, zlib.error) as error:
+        raise ValueError(f"cannot read {npz_file} ({type(error).__name__}: {error}): it is truncated or corrupt; "
+                         f"{rewrite}") from None
+    if "probabilities" not in arrays:
+        raise ValueError(f"{npz_file} has no 'probabilities' array (keys: {keys}); it is not an nnU-Net probability "
+                         f"export")
+    probabilities = arrays["probabilities"]
+    try:
+        with open(pkl_file, "rb") as handle:
+            properties = pickle.load(handle)
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError,
+            KeyError) as error:
+        raise ValueError(f"cannot read {pkl_file} ({type(error).__name__}: {error}): it is truncated or corrupt; "
+                         f"{rewrite}") from None
+    try:
+        segmentation, _ = info.reader_class().read_seg(str(gt_file))
+    except (RuntimeError, OSError, EOFError, ValueError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"cannot read ground truth {gt_file} ({message}): it is truncated or corrupt; restore it "
+                         f"(validation: nnUNet_preprocessed/DatasetXXX/gt_segmentations is copied from labelsTr)"
+                         ) from None
     segmentation = segmentation[0]
     if probabilities.shape[0] != len(info.class_names):
         raise ValueError(f"{npz_file} has {probabilities.shape[0]} probability channels but dataset.json lists "

@@ -8,12 +8,23 @@ plans. With `temperature=True`, each fold's fitted temperature (fold_X/temperatu
 `nnunet_margin.nnunet.temperature`) is folded into the final segmentation layer: its weight and bias are divided by
 T, so the network outputs logits / T and nnU-Net's probabilities become softmax(logits / T).
 
-Output convention: OUT is an nnUNet_results-style root. The copy goes to
-OUT/DATASET/nnUNetTrainer__PLANS__CONFIGURATION, so with nnUNet_results=OUT the usual commands work:
-`nnUNetv2_predict -d DATASET -c CONFIGURATION -p PLANS -tr nnUNetTrainer ...` and
-`nnUNetv2_export_model_to_zip -d DATASET -c CONFIGURATION -p PLANS -tr nnUNetTrainer ...`, as does
-`nnUNetv2_predict_from_modelfolder -m OUT/DATASET/nnUNetTrainer__PLANS__CONFIGURATION ...` with any nnUNet_results.
-The source folder is only read.
+Output convention: OUT is an nnUNet_results-style root. The copy goes to OUT/DATASET/NAME__PLANS__CONFIGURATION
+with NAME = nnUNetTrainer unless chosen (`name`), so with nnUNet_results=OUT the usual commands work:
+`nnUNetv2_predict -d DATASET -c CONFIGURATION -p PLANS -tr NAME ...` and
+`nnUNetv2_export_model_to_zip -d DATASET -c CONFIGURATION -p PLANS -tr NAME ...`, as does
+`nnUNetv2_predict_from_modelfolder -m OUT/DATASET/NAME__PLANS__CONFIGURATION ...` with any nnUNet_results. nnU-Net
+uses `-tr` only to find the folder; it rebuilds the network with the class its checkpoints name, which is always
+nnUNetTrainer here. So several portable models of one dataset sit side by side under different names (e.g.
+nnUNetTrainer_mbls_T), each loaded by plain nnU-Net with `-tr` and its name.
+
+Safety: the source folder is only read. An export never writes into an existing folder unless that folder is an
+earlier export of the same source (its export_info.json names it) and `overwrite` is given; OUT may not lie inside
+the source or contain it, and an existing target in the nnUNet_results nnU-Net is using is never touched. The copy
+is written into a hidden staging folder beside the target (.NAME__PLANS__CONFIGURATION.partial-XXXX, holding a
+marker file that names the source) and renamed into place when complete, so the target is always either absent,
+the previous export, or the complete new one; a refreshed export keeps nothing of the old one (e.g. its folds).
+An interrupted export removes its staging folder; one left by a killed process (recognised by its name and its
+marker or export_info.json) is removed by the next export to that target. One export per target at a time.
 """
 
 from __future__ import annotations
@@ -21,7 +32,10 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import os
+import re
 import shutil
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,13 +43,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._atomic import atomic_path, write_json_atomic
 from . import _seams
-from .temperature import FINAL_CHECKPOINT, TEMPERATURE_FILE, PathLike, TrainedModel
+from .temperature import BOUND_MEANINGS, FINAL_CHECKPOINT, TEMPERATURE_FILE, PathLike, TrainedModel, bound_side
 
 BASE_TRAINER = "nnUNetTrainer"
 BEST_CHECKPOINT = "checkpoint_best.pth"
 EXPORT_INFO_FILE = "export_info.json"
+STAGING_MARKER = ".nnunet_margin_export"  # first file of a staging folder; removed before it becomes the target
+# A folder name nnU-Net can split back into TRAINER__PLANS__CONFIGURATION: no "__", no leading/trailing separator.
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*")
 MODEL_FILES = ("plans.json", "dataset.json", "dataset_fingerprint.json")
 # Per fold, besides the checkpoints: what nnUNetv2_export_model_to_zip packs.
 FOLD_FILES = ("progress.png", "validation/summary.json")
@@ -109,68 +125,229 @@ def check_trainer_keeps_network(trainer_name: str) -> None:
                          f"portable copy is only valid for trainers that keep nnU-Net's network")
 
 
-def _read_temperature(fold_folder: Path) -> float:
+def _read_temperature(fold_folder: Path, allow_bound: bool) -> tuple[float, str | None]:
+    """The fold's fitted temperature and the bound it lies at (None inside); refuses a bound unless allowed."""
     path = fold_folder / TEMPERATURE_FILE
+    fit_command = (f"nnunet-margin fit-temperature {fold_folder.parent} -f {fold_folder.name.removeprefix('fold_')}")
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run nnunet-margin fit-temperature {fold_folder.parent} -f "
-                                f"{fold_folder.name.removeprefix('fold_')} first (or export without --temperature)")
-    return float(json.loads(path.read_text())["temperature"])
+        raise FileNotFoundError(f"{path} is missing: run {fit_command} first (or export without --temperature)")
+    try:
+        record = json.loads(path.read_text())
+        temperature = float(record["temperature"])
+        if not (np.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature {temperature} is not a finite number > 0")
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a valid temperature record ({type(error).__name__}: {error}): it is corrupt "
+                         f"or truncated; refit with {fit_command}") from None
+    side = record.get("at_bound", bound_side(temperature))
+    if side is not None and not allow_bound:
+        raise ValueError(f"{path}: T = {temperature:g} is the {side} bound of fit-temperature's search, not a fit "
+                         f"({BOUND_MEANINGS[side]}): check the model and its validation probabilities, or pass "
+                         f"--allow-bound to fold it in anyway")
+    return temperature, side
 
 
-def _copy_file(source: Path, destination: Path) -> None:
-    with atomic_path(destination) as temporary:
-        shutil.copyfile(source, temporary)
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        missing = {"network_weights", "trainer_name"} - set(checkpoint)
+        if missing:
+            raise KeyError(f"no {' and no '.join(sorted(missing))}")
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, TypeError) as error:
+        message = str(error).splitlines()[0].split(". ")[0] if str(error) else type(error).__name__
+        raise ValueError(f"cannot read checkpoint {path} ({message}): it is truncated or not an nnU-Net checkpoint; "
+                         f"restore it, or train the fold again") from None
+    return checkpoint
 
 
 def _export_checkpoint(source: Path, destination: Path, network: PlainNetwork, temperature: float | None) -> str:
     """Copy one checkpoint with trainer_name nnUNetTrainer (and T folded in); returns the source's trainer name."""
-    checkpoint = torch.load(source, map_location="cpu", weights_only=False)
+    checkpoint = _load_checkpoint(source)
     trainer_name = checkpoint["trainer_name"]
     check_trainer_keeps_network(trainer_name)
     network.check_weights(checkpoint["network_weights"], str(source))
     if temperature is not None:
         checkpoint["network_weights"] = network.fold_temperature(checkpoint["network_weights"], temperature)
     checkpoint["trainer_name"] = BASE_TRAINER
-    with atomic_path(destination) as temporary:
-        torch.save(checkpoint, temporary)
+    torch.save(checkpoint, destination)
     return trainer_name
 
 
-def export_portable(model_folder: PathLike, out_folder: PathLike, temperature: bool = False,
-                    folds: list[str | int] | None = None) -> Path:
-    """Write a copy of the model that plain nnU-Net loads to OUT/DATASET/nnUNetTrainer__PLANS__CONFIGURATION (see
-    the module docstring) and return that folder.
+def check_export_name(name: str) -> None:
+    """Refuse a trainer folder name nnU-Net cannot split back into TRAINER__PLANS__CONFIGURATION."""
+    if not _NAME_PATTERN.fullmatch(name):
+        raise ValueError(f"--name {name!r} is not a usable trainer folder name: use letters and digits, joined by "
+                         f"single '_', '.' or '-' (e.g. nnUNetTrainer_mbls_T), since nnU-Net splits model folder names "
+                         f"at '__'")
 
-    Copies plans.json, dataset.json, dataset_fingerprint.json and per fold checkpoint_final.pth, checkpoint_best.pth,
-    progress.png and validation/summary.json (those present), and records the source in export_info.json. With
-    `temperature`, checkpoint_best.pth is left out (and removed from an earlier export), since the temperature was
-    fitted to checkpoint_final.pth's validation predictions. Folds default to every fold_X with checkpoint_final.pth.
-    """
-    model = TrainedModel.load(model_folder)
-    destination = Path(out_folder) / model.dataset_name / f"{BASE_TRAINER}__{model.plans}__{model.configuration}"
-    if destination.resolve() == model.folder:
-        raise ValueError(f"the portable copy would overwrite the model itself ({model.folder}): choose another OUT")
-    fold_folders = model.fold_folders(folds)
-    temperatures = {fold.name: _read_temperature(fold) for fold in fold_folders} if temperature else {}
+
+def _export_source(folder: Path) -> str | None:
+    """The source recorded in folder/export_info.json, or None if the folder is no complete export."""
+    try:
+        source = json.loads((folder / EXPORT_INFO_FILE).read_text())["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return source if isinstance(source, str) else None
+
+
+def _check_locations(model: TrainedModel, out: Path, destination: Path, overwrite: bool) -> None:
+    """Refuse an OUT inside the source or containing it, and any existing target that is not an earlier export of
+    the same source being refreshed with `overwrite` outside the nnUNet_results nnU-Net is using."""
+    if out == model.folder or model.folder in out.parents:
+        raise ValueError(f"OUT {out} lies inside the model folder {model.folder}: the export would write a copy into "
+                         f"the model itself; choose an OUT outside it")
+    if out in model.folder.parents:
+        raise ValueError(f"OUT {out} contains the model folder {model.folder}, i.e. it is the results tree the model "
+                         f"was trained in, whose model folders an export must not touch: choose a separate OUT, e.g. "
+                         f"an empty folder")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"OUT {out} is a file: pass a folder (an nnUNet_results-style root, created if missing)")
+    if destination.is_symlink() or destination.exists() and not destination.is_dir():
+        raise ValueError(f"{destination} exists and is not a folder: move it away, or choose another OUT or --name")
+    if not destination.exists() or not any(destination.iterdir()):
+        return
+    live_results = os.environ.get("nnUNet_results")
+    if live_results and Path(live_results).resolve() == out:
+        raise ValueError(f"{destination} exists in the nnUNet_results nnU-Net is using ({live_results}), and an export "
+                         f"never writes into an existing model folder there: choose another OUT or --name")
+    source = _export_source(destination)
+    if source is None:
+        raise ValueError(f"{destination} exists and is no export of nnunet-margin (no valid {EXPORT_INFO_FILE}): it "
+                         f"may be a trained model; choose another OUT or --name (nothing was written)")
+    if source != str(model.folder):
+        raise ValueError(f"{destination} holds the export of another model ({source}); writing into it would mix the "
+                         f"two models' folds: choose another OUT or --name (nothing was written)")
+    if not overwrite:
+        raise ValueError(f"{destination} already holds an export of this model: pass --overwrite to replace it "
+                         f"(nothing was written)")
+
+
+def _remove_own_folder(folder: Path) -> None:
+    """Delete a staging or replaced export folder, its marker last, so that an interrupted deletion leaves a folder
+    that the next export still recognises as its own."""
+    marker = folder / STAGING_MARKER
+    if not folder.is_dir():
+        return
+    marker.touch()
+    for child in folder.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        elif child != marker:
+            child.unlink()
+    marker.unlink()
+    folder.rmdir()
+
+
+def _staging_folders(destination: Path) -> list[Path]:
+    """Staging folders of exports to `destination` that a killed process left (ours: marker or export_info.json)."""
+    if not destination.parent.is_dir():
+        return []
+    return [folder for folder in destination.parent.glob(f".{destination.name}.partial-*")
+            if folder.is_dir() and not folder.is_symlink()
+            and ((folder / STAGING_MARKER).is_file() or (folder / EXPORT_INFO_FILE).is_file()
+                 or not any(folder.iterdir()))]
+
+
+def _write_export(model: TrainedModel, staging: Path, fold_folders: list[Path], temperatures: dict[str, float],
+                  bounds_allowed: dict[str, str]) -> None:
+    """Write the complete export into the staging folder, export_info.json last."""
     network = PlainNetwork.build(model)
-
     source_trainers = set()
     for fold_folder in fold_folders:
-        target = destination / fold_folder.name
-        checkpoints = [FINAL_CHECKPOINT] if temperature else [FINAL_CHECKPOINT, BEST_CHECKPOINT]
+        target = staging / fold_folder.name
+        (target / "validation").mkdir(parents=True)
+        checkpoints = [FINAL_CHECKPOINT] if temperatures else [FINAL_CHECKPOINT, BEST_CHECKPOINT]
         for name in checkpoints:
             if (fold_folder / name).is_file():
                 source_trainers.add(_export_checkpoint(fold_folder / name, target / name, network,
                                                        temperatures.get(fold_folder.name)))
-        if temperature:
-            (target / BEST_CHECKPOINT).unlink(missing_ok=True)
         for name in FOLD_FILES:
             if (fold_folder / name).is_file():
-                _copy_file(fold_folder / name, target / name)
+                shutil.copyfile(fold_folder / name, target / name)
+        if not any((target / "validation").iterdir()):
+            (target / "validation").rmdir()
     for name in MODEL_FILES:
         if (model.folder / name).is_file():
-            _copy_file(model.folder / name, destination / name)
+            shutil.copyfile(model.folder / name, staging / name)
     info: dict[str, Any] = {"source": str(model.folder), "source_trainers": sorted(source_trainers),
                             "folds": [fold.name for fold in fold_folders], "temperatures_folded_in": temperatures}
-    write_json_atomic(destination / EXPORT_INFO_FILE, info)
+    if bounds_allowed:
+        info["temperatures_at_bound"] = bounds_allowed
+    (staging / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2))
+    (staging / STAGING_MARKER).unlink()
+
+
+def _sibling(destination: Path, kind: str) -> Path:
+    """A fresh hidden name beside `destination`: .NAME.KIND-PID-RANDOM."""
+    return destination.parent / f".{destination.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _move_into_place(staging: Path, destination: Path) -> None:
+    """Rename the complete staging folder to `destination`, replacing an earlier export there."""
+    if not destination.exists():
+        os.rename(staging, destination)
+        return
+    if not any(destination.iterdir()):
+        destination.rmdir()
+        os.rename(staging, destination)
+        return
+    previous = _sibling(destination, "partial-old")
+    os.rename(destination, previous)
+    try:
+        os.rename(staging, destination)
+    except BaseException:
+        os.rename(previous, destination)
+        raise
+    try:
+        _remove_own_folder(previous)
+    except OSError:
+        pass  # the new export is in place; the next export to this target removes the rest
+
+
+def export_portable(model_folder: PathLike, out_folder: PathLike, temperature: bool = False,
+                    folds: list[str | int] | None = None, name: str = BASE_TRAINER, overwrite: bool = False,
+                    allow_bound: bool = False) -> Path:
+    """Write a copy of the model that plain nnU-Net loads to OUT/DATASET/NAME__PLANS__CONFIGURATION (see the module
+    docstring for the naming and the safety rules) and return that folder.
+
+    Copies plans.json, dataset.json, dataset_fingerprint.json and per fold checkpoint_final.pth, checkpoint_best.pth,
+    progress.png and validation/summary.json (those present), and records the source in export_info.json. With
+    `temperature`, checkpoint_best.pth is left out, since the temperature was fitted to checkpoint_final.pth's
+    validation predictions, and a temperature at a bound of fit-temperature's search is refused unless
+    `allow_bound`. Folds default to every fold_X with checkpoint_final.pth. `overwrite` replaces an earlier export
+    of the same source (entirely: nothing of it is kept).
+    """
+    check_export_name(name)
+    model = TrainedModel.load(model_folder)
+    out = Path(out_folder).resolve()
+    destination = out / model.dataset_name / f"{name}__{model.plans}__{model.configuration}"
+    _check_locations(model, out, destination, overwrite)
+    fold_folders = model.fold_folders(folds)
+    records = {fold.name: _read_temperature(fold, allow_bound) for fold in fold_folders} if temperature else {}
+    temperatures = {fold: value for fold, (value, _) in records.items()}
+    bounds_allowed = {fold: side for fold, (_, side) in records.items() if side is not None}
+
+    created = [folder for folder in (destination.parent, out) if not folder.exists()]
+    staging = _sibling(destination, "partial")
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        for leftover in _staging_folders(destination):
+            _remove_own_folder(leftover)
+        staging.mkdir()
+        (staging / STAGING_MARKER).write_text(json.dumps({"source": str(model.folder)}))
+        _write_export(model, staging, fold_folders, temperatures, bounds_allowed)
+        _move_into_place(staging, destination)
+    except BaseException as error:
+        try:
+            _remove_own_folder(staging)
+            for folder in created:  # the folders this call created, if still empty
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+        except OSError:
+            pass  # the error below matters; the next export to this target removes the staging folder
+        if isinstance(error, OSError):
+            where = f": {error.filename}" if error.filename else ""
+            raise OSError(f"cannot write the export {destination} ({error.strerror or error}{where}): pass an OUT "
+                          f"folder you can write to, with room for the copy (OUT is unchanged)") from None
+        raise
     return destination

@@ -5,6 +5,11 @@ the fold's validation cases (fold_X/validation/CASE.npz + CASE.pkl, from `--npz`
 $nnUNet_preprocessed/DATASET/gt_segmentations, and writes fold_X/temperature.json with T and the calibration
 metrics before and after. It works for any trainer, nnU-Net's own included. `nnunet-margin export-portable
 --temperature` then folds T into the network.
+
+Only probabilities of the fold's current checkpoint_final.pth from a finished validation are used (see
+`nnunet_margin.nnunet.provenance`). A temperature at a bound of the search (`TEMPERATURE_BOUNDS`) is no fit: the NLL
+still falls beyond it. temperature.json then says so ("at_bound": "lower" or "upper"), a `TemperatureAtBoundWarning`
+explains it, and export-portable refuses to fold it in unless told otherwise.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,10 +33,19 @@ import torch
 from .._atomic import write_json_atomic
 from ..calibration import CalibrationStats, TemperatureFit, apply_temperature
 from .calibration_report import SCOPES, DatasetInfo, load_case_files, load_dataset_info, scope_masks
+from .provenance import check_validation_current, record_validation
 
 TEMPERATURE_FILE = "temperature.json"
 FINAL_CHECKPOINT = "checkpoint_final.pth"
 _REPORTED_METRICS = {"ece": "ECE", "classwise_ece": "classwise ECE", "nll": "NLL", "brier": "Brier"}
+TEMPERATURE_BOUNDS = (1e-2, 1e2)  # the search interval of the fit
+# What a temperature at each bound means (the NLL still falls beyond it).
+BOUND_MEANINGS = {
+    "upper": "the NLL kept falling as T grew, so flattening the probabilities towards uniform helps: the model is "
+             "worse than uniform on these voxels",
+    "lower": "the NLL kept falling as T shrank, so the probabilities are degenerate for a fit: (nearly) every "
+             "voxel's most likely class is right, and sharpening them towards 0 and 1 keeps helping",
+}
 
 PathLike = str | os.PathLike
 
@@ -56,7 +71,12 @@ class TrainedModel:
         if len(parts) != 3 or not all(parts):
             raise ValueError(f"model folder name {folder.name!r} is not TRAINER__PLANS__CONFIGURATION as nnU-Net "
                              f"writes it; pass the folder nnUNetv2_train trained into")
-        dataset_name = json.loads((folder / "plans.json").read_text())["dataset_name"]
+        try:
+            dataset_name = json.loads((folder / "plans.json").read_text())["dataset_name"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{folder / 'plans.json'} is not a valid nnU-Net plans file ({type(error).__name__}: "
+                             f"{error}): it is corrupt or truncated; restore it from "
+                             f"nnUNet_preprocessed/{folder.parent.name}/{parts[1]}.json") from None
         return cls(folder, dataset_name, *parts)
 
     def fold_folders(self, folds: Iterable[str | int] | None = None) -> list[Path]:
@@ -109,26 +129,41 @@ def _console_script(name: str) -> str:
     return str(beside_python) if beside_python.is_file() else name
 
 
+def refresh_command(model: TrainedModel, fold_folder: Path) -> list[str]:
+    """The nnU-Net command that (re)writes a fold's validation probabilities."""
+    return ["nnUNetv2_train", model.dataset_name, model.configuration, fold_folder.name.removeprefix("fold_"), "-tr",
+            model.trainer, "-p", model.plans, "--val", "--npz"]
+
+
 def _ensure_validation_probabilities(model: TrainedModel, fold_folder: Path) -> None:
-    """Run nnU-Net's validation with --npz for a fold whose validation folder has no .npz files."""
-    if any((fold_folder / "validation").glob("*.npz")):
-        return
+    """Run nnU-Net's validation with --npz for a fold whose validation folder has no .npz files (and record which
+    checkpoint it used); refuse .npz files of another checkpoint or of an unfinished validation."""
+    command = refresh_command(model, fold_folder)
+    if not any((fold_folder / "validation").glob("*.npz")):
+        _run_validation(model, fold_folder, command)
+    check_validation_current(fold_folder, " ".join(command))
+
+
+def _run_validation(model: TrainedModel, fold_folder: Path, command: list[str]) -> None:
     results = os.environ.get("nnUNet_results")
     if results is None or (Path(results) / model.dataset_name / model.folder.name).resolve() != model.folder:
         raise RuntimeError(f"{fold_folder / 'validation'} has no .npz probabilities, and nnUNetv2_train --val can "
                            f"only write them if nnUNet_results points at this model's results folder: export "
                            f"nnUNet_results={model.folder.parent.parent} (now {results or 'not set'})")
-    fold = fold_folder.name.removeprefix("fold_")
-    command = [_console_script("nnUNetv2_train"), model.dataset_name, model.configuration, fold, "-tr",
-               model.trainer, "-p", model.plans, "--val", "--npz", "-device",
-               "cuda" if torch.cuda.is_available() else "cpu"]
+    command = [_console_script(command[0]), *command[1:], "-device", "cuda" if torch.cuda.is_available() else "cpu"]
     print(f"{fold_folder.name}: no validation probabilities (.npz); running nnU-Net's validation:\n  "
           + " ".join(command), flush=True)
-    if subprocess.run(command).returncode != 0:
+    try:
+        returncode = subprocess.run(command).returncode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{command[0]} is not installed in this environment: install nnunetv2 beside "
+                                f"nnunet-margin (or activate its environment)") from None
+    if returncode != 0:
         raise RuntimeError(f"`{' '.join(command)}` failed (see its output above); if nnU-Net cannot find trainer "
                            f"{model.trainer}, set nnUNet_extTrainer as for training")
     if not any((fold_folder / "validation").glob("*.npz")):
         raise RuntimeError(f"nnU-Net's validation wrote no .npz into {fold_folder / 'validation'}")
+    record_validation(fold_folder, FINAL_CHECKPOINT)
 
 
 def _validation_cases(fold_folder: Path, gt_folder: Path, info: DatasetInfo, scope: str) -> list[_Case]:
@@ -143,6 +178,27 @@ def _validation_cases(fold_folder: Path, gt_folder: Path, info: DatasetInfo, sco
     return cases
 
 
+class TemperatureAtBoundWarning(UserWarning):
+    """A fold's fitted temperature lies at a bound of the search, so it is no fit (see `bound_warning`)."""
+
+
+def bound_side(temperature: float) -> str | None:
+    """The bound of TEMPERATURE_BOUNDS the temperature lies at, "lower" or "upper" (the fit returns the bound itself
+    when the NLL still falls beyond it), else None."""
+    low, high = TEMPERATURE_BOUNDS
+    return "lower" if temperature <= low else "upper" if temperature >= high else None
+
+
+def bound_warning(fold: str, record: dict[str, Any]) -> str | None:
+    """What a fold's temperature at a bound means and what to do (None for a temperature inside the bounds)."""
+    side = record.get("at_bound")
+    if side is None:
+        return None
+    return (f"{fold}: T = {record['temperature']:g} is the {side} bound of the search, not a fit: "
+            f"{BOUND_MEANINGS[side]} ({record['scope']} scope). Check the model and its validation probabilities; "
+            f"export-portable --temperature refuses this T unless given --allow-bound")
+
+
 def _fit_fold(fold_folder: Path, cases: list[_Case], read_cases: Callable[[list[_Case]], Iterable],
               num_classes: int, scope: str) -> dict[str, Any]:
     """Fit the fold's temperature, measure calibration before and after, write temperature.json; returns it."""
@@ -150,11 +206,14 @@ def _fit_fold(fold_folder: Path, cases: list[_Case], read_cases: Callable[[list[
     for probabilities, labels in read_cases(cases):
         fit.update(probabilities, labels)
         before.update(probabilities, labels)
-    temperature = fit.fit()
+    with warnings.catch_warnings():  # a temperature at a bound is recorded and explained by bound_warning
+        warnings.filterwarnings("ignore", message="the NLL keeps decreasing towards the bound", category=UserWarning)
+        temperature = fit.fit(TEMPERATURE_BOUNDS)
     for probabilities, labels in read_cases(cases):
         after.update(apply_temperature(probabilities, temperature), labels)
     record = {
         "temperature": temperature,
+        "at_bound": bound_side(temperature),
         "scope": scope,
         "num_cases": len(cases),
         "num_voxels": fit.num_voxels,
@@ -163,7 +222,12 @@ def _fit_fold(fold_folder: Path, cases: list[_Case], read_cases: Callable[[list[
         "before": before.compute(),
         "after": after.compute(),
     }
-    write_json_atomic(fold_folder / TEMPERATURE_FILE, record)
+    path = fold_folder / TEMPERATURE_FILE
+    try:
+        write_json_atomic(path, record)
+    except OSError as error:
+        raise OSError(f"cannot write {path} ({error.strerror or error}): fit-temperature records T in the model "
+                      f"folder, so it must be writable (or fit a copy of the model folder)") from None
     return record
 
 
@@ -172,9 +236,12 @@ def fit_model_temperatures(model_folder: PathLike, folds: Iterable[str | int] | 
     """Fit and record one temperature per fold of a trained model; returns {fold folder name: temperature.json}.
 
     Folds default to every fold_X with checkpoint_final.pth. A fold without validation .npz files gets them from
-    `nnUNetv2_train DATASET CONFIGURATION FOLD -tr TRAINER -p PLANS --val --npz` (run as a subprocess). `scope` is
-    "foreground" (ground truth not background) or "crop" (all voxels in nnU-Net's crop box); ignored voxels never
-    count. `num_processes` cases are read in parallel.
+    `nnUNetv2_train DATASET CONFIGURATION FOLD -tr TRAINER -p PLANS --val --npz` (run as a subprocess, then
+    recorded in validation/provenance.json); .npz files of an earlier checkpoint or of an unfinished validation are
+    refused with that command as the fix. `scope` is "foreground" (ground truth not background) or "crop" (all
+    voxels in nnU-Net's crop box); ignored voxels never count. `num_processes` cases are read in parallel. Besides
+    fold_X/temperature.json, only the files of the validation it runs are written into the model folder. A
+    temperature at a bound of the search issues a TemperatureAtBoundWarning (see `bound_warning`).
     """
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
@@ -194,6 +261,10 @@ def fit_model_temperatures(model_folder: PathLike, folds: Iterable[str | int] | 
         for fold_folder in fold_folders:
             cases = _validation_cases(fold_folder, gt_folder, info, scope)
             records[fold_folder.name] = _fit_fold(fold_folder, cases, read_cases, len(info.class_names), scope)
+    for fold, record in records.items():
+        message = bound_warning(fold, record)
+        if message is not None:
+            warnings.warn(message, TemperatureAtBoundWarning, stacklevel=2)
     return records
 
 
@@ -206,7 +277,8 @@ def temperature_table(records: dict[str, dict[str, Any]]) -> str:
     columns = ["fold", "scope", "T", *_REPORTED_METRICS.values()]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for fold, record in records.items():
-        cells = [fold, record["scope"], f"{record['temperature']:.4f}"]
+        bound = "" if record.get("at_bound") is None else f" ({record['at_bound']} bound)"
+        cells = [fold, record["scope"], f"{record['temperature']:.4f}{bound}"]
         cells += [_before_after(record["before"][name], record["after"][name]) for name in _REPORTED_METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
