@@ -21,6 +21,7 @@ run-to-run spread.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import queue
@@ -36,7 +37,7 @@ from typing import Callable
 
 from .._atomic import atomic_path, write_json_atomic
 from . import _seams
-from .compare import compare, write_comparison
+from .compare import compare, printed_table, write_comparison
 
 POST_HOC_METHODS = ("temperature",)
 REPORT_FILE = "calibration.json"
@@ -113,6 +114,21 @@ class Benchmark:
             raise ValueError("post-hoc calibration is fitted on the validation cases, so it is evaluated on held-out "
                              "cases only: pass --test-images and --test-labels")
         self.plugin = {trainer: self._is_plugin_trainer(trainer) for trainer in settings.trainers}
+        self.test_cases = self._test_cases() if settings.test_images is not None else []
+
+    def _test_cases(self) -> list[str]:
+        """Case identifiers of the test images (CASE_XXXX<file_ending>, nnU-Net's raw layout)."""
+        dataset_json = Path(os.environ["nnUNet_preprocessed"]) / self.dataset_name / "dataset.json"
+        ending = json.loads(dataset_json.read_text())["file_ending"]
+        cases = sorted({path.name[: -len(ending)][:-5] for path in Path(self.settings.test_images).glob(f"*{ending}")})
+        if not cases:
+            raise FileNotFoundError(f"no images *_XXXX{ending} in {self.settings.test_images}: pass a folder in "
+                                    f"nnU-Net's imagesTs layout")
+        return cases
+
+    def _predicted(self, folder: Path, checkpoints: list[Path]) -> bool:
+        """Every test case has its probabilities (.npz), newer than the checkpoints."""
+        return all(_newer(folder / f"{case}.npz", *checkpoints) for case in self.test_cases)
 
     @staticmethod
     def _is_plugin_trainer(trainer: str) -> bool:
@@ -176,8 +192,8 @@ class Benchmark:
             temperatures = [model / f"fold_{fold}" / "temperature.json" for fold in settings.folds]
             chain.steps.append(self._step(
                 f"export {trainer}+temperature repeat {repeat}",
-                ["nnunet-margin", "export-portable", str(model), str(export_root), "--temperature", "--name",
-                 export_name, "--overwrite", "-f", *settings.folds],
+                ["nnunet-margin", "export-portable", str(model), str(export_root), "--temperature", "--allow-bound",
+                 "--name", export_name, "--overwrite", "-f", *settings.folds],
                 lambda: _newer(exported / "export_info.json", *temperatures), repeat))
             methods.append((f"{trainer}+temperature", exported, export_name,
                             [exported / f"fold_{fold}" / "checkpoint_final.pth" for fold in settings.folds]))
@@ -188,8 +204,8 @@ class Benchmark:
                        self.dataset_name, "-c", settings.configuration, "-tr", trainer_name, "-p", settings.plans,
                        "-f", *settings.folds, "--save_probabilities", "--continue_prediction", "-device",
                        settings.device]
-            step = self._step(f"predict {method} repeat {repeat}", predict, lambda r=report, c=checkpoints:
-                              _newer(r, *c), repeat)
+            step = self._step(f"predict {method} repeat {repeat}", predict,
+                              lambda p=predictions, c=checkpoints: self._predicted(p, c), repeat)
             step.results_root = model_folder.parent.parent
             chain.steps.append(step)
             chain.steps.append(self._step(
@@ -336,6 +352,7 @@ def write_benchmark_report(benchmark: Benchmark) -> None:
               "are on foreground voxels (the papers' convention) unless prefixed `boundary_` (voxels near a class "
               "boundary) or `crop_` (nnU-Net's crop box).\n\n")
     sections = []
+    printed = ""
     spread: dict[str, dict[str, list[float]]] = {}
     for repeat in range(1, settings.repeats + 1):
         suffix = f" (repeat {repeat})" if settings.repeats > 1 else ""
@@ -343,9 +360,12 @@ def write_benchmark_report(benchmark: Benchmark) -> None:
         models = [f"{trainer}={benchmark.model_folder(trainer, repeat)}" for trainer in settings.trainers]
         comparison, methods = compare(models, settings.baseline)
         write_comparison(comparison, methods, target / "cross_validation", f"## Cross-validation{suffix}\n\n")
-        sections.append(f"## Cross-validation{suffix}\n\nSee [cross_validation/report.md]"
-                        f"({(target / 'cross_validation' / 'report.md').relative_to(benchmark.folder)}) and "
-                        f"compare.png there.\n")
+        printed = printed or f"Cross-validation{suffix}:\n{printed_table(comparison)}"
+        relative = (target / "cross_validation").relative_to(benchmark.folder)
+        sections.append(f"## Cross-validation{suffix}\n\n{printed_table(comparison)}\n"
+                        f"![ECE against Dice, and reliability curves]({relative / 'compare.png'})\n\n"
+                        f"Every metric, per class, confidence intervals and p-values: [{relative / 'report.md'}]"
+                        f"({relative / 'report.md'}).\n")
         for m, method in enumerate(comparison.methods):
             for k, metric in enumerate(comparison.metrics):
                 spread.setdefault(method, {}).setdefault(metric, []).append(float(comparison.mean[m, k]))
@@ -354,8 +374,23 @@ def write_benchmark_report(benchmark: Benchmark) -> None:
                      for name in [trainer] + [f"{trainer}+{post}" for post in settings.post_hoc]]
             comparison, methods = compare(tests, settings.baseline)
             write_comparison(comparison, methods, target / "test", f"## Test set{suffix}\n\n")
-            sections.append(f"## Test set{suffix}\n\nSee [test/report.md]"
-                            f"({(target / 'test' / 'report.md').relative_to(benchmark.folder)}).\n")
+            relative = (target / "test").relative_to(benchmark.folder)
+            sections.append(f"## Test set{suffix}\n\n{printed_table(comparison)}\n"
+                            f"![ECE against Dice, and reliability curves]({relative / 'compare.png'})\n\n"
+                            f"Every metric: [{relative / 'report.md'}]({relative / 'report.md'}).\n")
+    if "temperature" in settings.post_hoc:
+        rows = ["| trainer | repeat | fold | T | at the search bound |", "|---|---|---|---|---|"]
+        for repeat in range(1, settings.repeats + 1):
+            for trainer in settings.trainers:
+                for fold in settings.folds:
+                    record = json.loads((benchmark.model_folder(trainer, repeat) / f"fold_{fold}"
+                                         / "temperature.json").read_text())
+                    rows.append(f"| {trainer} | {repeat} | {fold} | {record['temperature']:.4g} | "
+                                f"{record.get('at_bound') or 'no'} |")
+        sections.append("## Fitted temperatures\n\nOne per fold, on its validation probabilities; a temperature at the "
+                        "search bound (a model worse than uniform on these voxels, or degenerate probabilities) is "
+                        "folded in all the same here, so check such models before trusting their +temperature row.\n\n"
+                        + "\n".join(rows) + "\n")
     if settings.repeats > 1:
         metrics = ("dice", "ece", "classwise_ece", "hd95")
         rows = ["| method | " + " | ".join(f"{metric} mean ± sd over repeats" for metric in metrics) + " |",
@@ -378,5 +413,5 @@ def write_benchmark_report(benchmark: Benchmark) -> None:
     content = header + "\n".join(sections) + "\n" + _commands_section(benchmark)
     with atomic_path(benchmark.folder / "report.md") as temporary:
         temporary.write_text(content)
+    print(printed, end="")
     print(f"wrote {benchmark.folder / 'report.md'} (tables: table.csv, table.tex; figure: compare.png)")
-    print((main_report / "report.md").read_text().split("\n\n", 2)[-1].split("\n\n")[0])
