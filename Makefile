@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench clean test-matrix
+.PHONY: test demo demo-benchmark bench clean test-matrix
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/python demo/run_demo.py
+
+demo-benchmark: $(STAMP)
+	$(VENV)/bin/python demo/run_demo.py --benchmark
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/bench_losses.py

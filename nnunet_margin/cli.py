@@ -137,10 +137,21 @@ def _export_portable_command(args: argparse.Namespace) -> int:
     from .nnunet.temperature import TrainedModel
 
     exported = TrainedModel.load(export_portable(args.model_folder, args.out, args.temperature, args.folds,
-                                                 args.name, args.overwrite, args.allow_bound))
+                                                 args.name, args.overwrite, args.allow_bound, args.calibration))
     print(f"wrote {exported.folder}\npredict with plain nnU-Net:\n  nnUNet_results={Path(args.out).resolve()} "
           f"nnUNetv2_predict -d {exported.dataset_name} -c {exported.configuration} -p {exported.plans} "
           f"-tr {exported.trainer} -i INPUT -o OUTPUT")
+    return 0
+
+
+def _fit_calibration_command(args: argparse.Namespace) -> int:
+    from .nnunet.posthoc import CALIBRATION_MAP_FILE, calibration_table, fit_model_calibration
+
+    records = fit_model_calibration(args.model_folder, args.method, args.folds, args.scope, args.held_out,
+                                    args.revalidate, args.device)
+    print(calibration_table(records), end="")
+    print(f"held-out voxels: metrics on the part of each fold's sample the fit did not see; wrote "
+          f"{CALIBRATION_MAP_FILE} into " + ", ".join(str(Path(args.model_folder) / fold) for fold in records))
     return 0
 
 
@@ -247,7 +258,30 @@ def build_parser() -> argparse.ArgumentParser:
                      help="replace an earlier export of the same model in that folder (never any other folder)")
     sub.add_argument("--allow-bound", dest="allow_bound", action="store_true",
                      help="with --temperature: fold in a temperature at a bound of fit-temperature's search too")
+    sub.add_argument("--calibration", action="store_true",
+                     help="fold each fold's map from fit-calibration (fold_X/calibration_map.json) into its final "
+                          "layer")
     sub.set_defaults(func=_export_portable_command)
+
+    sub = commands.add_parser("fit-calibration", help="fit a post-hoc calibrator per fold (temperature, vector or "
+                                                      "matrix scaling) on its validation logit sample, measured on a "
+                                                      "held-out part (writes fold_X/calibration_map.json)")
+    sub.add_argument("model_folder", help="trained model folder nnUNet_results/DatasetXXX/TRAINER__PLANS__CONF")
+    sub.add_argument("--method", required=True, choices=["temperature", "vector", "matrix"],
+                     help="softmax(z / T), softmax(w * z + b) per class, or softmax(W z + b) with ODIR")
+    sub.add_argument("-f", "--folds", nargs="+", default=None,
+                     help="folds to fit (default: every fold_X with checkpoint_final.pth)")
+    sub.add_argument("--scope", choices=("foreground", "crop"), default="crop",
+                     help="voxels fitted on (default: crop, every voxel in nnU-Net's crop box; foreground only for "
+                          "temperature); held-out metrics are reported in both")
+    sub.add_argument("--held-out", dest="held_out", type=float, default=0.2,
+                     help="fraction of each fold's sample kept out of the fit to measure it (default 0.2)")
+    sub.add_argument("--revalidate", action="store_true",
+                     help="run the fold's validation again with the calibration hook first (also done where the "
+                          "logit sample is missing)")
+    sub.add_argument("-device", "--device", default=None, choices=["cuda", "cpu"],
+                     help="device for a validation run (default: cuda if available)")
+    sub.set_defaults(func=_fit_calibration_command)
 
     sub = commands.add_parser("benchmark", help="train, validate, (post-hoc calibrate, test) and compare several "
                                                 "methods on the same folds; resumable; --dry-run lists the commands")

@@ -34,12 +34,13 @@ CHECKPOINT_KEY = "nnunet_margin"
 class nnUNetTrainerWithCalibration(nnUNetTrainer):
     """nnU-Net's default trainer plus calibration metrics in the final validation (the baseline for comparisons).
 
-    Writes validation/calibration.json, validation/reliability.png and validation/provenance.json (the checkpoint
-    the validated network came from). The plugin's additions to a checkpoint go under the key `nnunet_margin`;
+    Writes validation/calibration.json, validation/reliability.png, validation/logit_sample.nnunet_margin (the
+    sample post-hoc calibrators are fitted on) and validation/provenance.json (the checkpoint the validated network came from). The plugin's additions to a checkpoint go under the key `nnunet_margin`;
     checkpoints are read once and written once, atomically.
     """
 
     network_checkpoint: str | None = FINAL_CHECKPOINT  # the file the network's weights came from (see load_checkpoint)
+    logit_sample_voxels: int = 2_000_000  # validation/logit_sample.nnunet_margin for fit-calibration (0: none)
 
     def initialize(self):
         if self.label_manager.has_regions:
@@ -53,9 +54,9 @@ class nnUNetTrainerWithCalibration(nnUNetTrainer):
         with measuring_calibration(self) as scratch:
             super().perform_actual_validation(save_probabilities)
         if self.local_rank == 0:
-            if self.network_checkpoint is not None and (Path(self.output_folder) / self.network_checkpoint).is_file():
-                record_validation(self.output_folder, self.network_checkpoint)
             report = write_validation_report(self, scratch)
+            if self.network_checkpoint is not None and (Path(self.output_folder) / self.network_checkpoint).is_file():
+                record_validation(self.output_folder, self.network_checkpoint)  # after every file it vouches for
             foreground = report["summary"]["foreground"]["pooled"]  # None where no voxel was foreground
             metrics = ", ".join(f"{label} {'n/a' if foreground[key] is None else f'{foreground[key]:.4f}'}"
                                 for label, key in (("ECE", "ece"), ("classwise ECE", "classwise_ece"),

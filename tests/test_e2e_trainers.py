@@ -120,7 +120,18 @@ def test_calibration_cli_on_nnunet_own_trainer(nnunet_env, tmp_path):
     assert (output / "reliability.png").is_file()
 
     compared = nnunet_env.run("nnunet-margin", "compare", str(output))
-    assert "ece" in compared.stdout.lower()
+    assert "ECE" in compared.stdout
+
+    # fit-calibration runs the validation of nnU-Net's own trainer again, with the calibration hook
+    model = nnunet_env.results(trainer)
+    assert not (model / "fold_0" / "validation" / "logit_sample.nnunet_margin").exists()
+    fitted = nnunet_env.run("nnunet-margin", "fit-calibration", str(model), "--method", "vector", "-device", "cpu")
+    assert "running nnU-Net's validation again with the calibration hook" in fitted.stdout
+    record = json.loads((model / "fold_0" / "calibration_map.json").read_text())
+    assert record["calibration"]["method"] == "vector" and record["held_out"]["crop"]["num_voxels"] > 0
+    assert (model / "fold_0" / "validation" / "calibration.json").is_file()
+    checkpoint = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["trainer_name"] == trainer  # the model itself is unchanged
 
 
 def test_region_datasets_are_refused_before_training(nnunet_env, tmp_path):

@@ -27,9 +27,12 @@ import SimpleITK as sitk
 import torch
 
 from nnunet_margin.calibration import CalibrationStats, TemperatureFit, apply_temperature
+from nnunet_margin.calibration.affine import AffineCalibration
+from nnunet_margin.calibration.logit_sample import LogitSample
 from nnunet_margin.nnunet import temperature
 from nnunet_margin import cli
 from nnunet_margin.nnunet.portable import export_portable
+from nnunet_margin.nnunet.posthoc import fit_model_calibration
 from nnunet_margin.nnunet.provenance import PROVENANCE_FILE, file_sha256, record_validation
 from nnunet_margin.nnunet.temperature import fit_model_temperatures
 
@@ -456,3 +459,71 @@ def test_temperature_at_a_bound_is_recorded_explained_and_not_exported_silently(
     assert cli.main(["export-portable", str(model), str(out), "--temperature", "--allow-bound"]) == 0
     info = json.loads((out / DATASET_NAME / PORTABLE / "export_info.json").read_text())
     assert info["temperatures_at_bound"] == {"fold_0": side}
+
+
+# --- post-hoc calibration beyond one temperature (fit-calibration, export-portable --calibration) -------------------
+
+def plugin_logits(model: Path, images: Path) -> torch.Tensor:
+    """The plugin model's logits of the one test image, computed independently with nnU-Net's predictor (the
+    synthetic images need no crop and no resampling, so nnU-Net's preprocessed grid is the image's)."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                                perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model), use_folds=(0,), checkpoint_name="checkpoint_final.pth")
+    data, _, properties = DefaultPreprocessor(verbose=False).run_case(
+        [str(next(images.iterdir()))], None, predictor.plans_manager, predictor.configuration_manager,
+        predictor.dataset_json)
+    assert list(properties["bbox_used_for_cropping"]) == [[0, s] for s in data.shape[1:]], "needs an uncropped case"
+    return predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).double()
+
+
+def test_vector_scaling_fitted_on_the_logit_sample_ships_in_a_plain_nnunet_model(env, trained, images, tmp_path,
+                                                                                  capsys):
+    model = copy_model(trained, tmp_path / "source", ignore=("calibration_map.json",))
+    sample = LogitSample.load(model / "fold_0" / "validation" / "logit_sample.nnunet_margin")
+    assert 0 < sample.num_sampled <= 2_000_000 and sample.num_classes == 4
+    assert cli.main(["fit-calibration", str(model), "--method", "vector", "-f", "0"]) == 0
+    assert "held-out scope" in capsys.readouterr().out
+    record = json.loads((model / "fold_0" / "calibration_map.json").read_text())
+    held_out = record["held_out"]["crop"]
+    assert held_out["after"]["nll"] <= held_out["before"]["nll"]  # measured on voxels the fit did not see
+    calibration = AffineCalibration.from_dict(record["calibration"])
+    assert calibration.method == "vector" and not torch.allclose(calibration.weight, torch.eye(4, dtype=torch.float64))
+
+    source = tree_digest(model)
+    out = tmp_path / "portable"
+    assert cli.main(["export-portable", str(model), str(out), "--calibration", "--name", "mbls_vector"]) == 0
+    assert tree_digest(model) == source
+    prediction = tmp_path / "prediction"
+    run_plain_nnunet(env, "nnUNetv2_predict", "-i", str(images), "-o", str(prediction), "-d", str(DATASET_ID),
+                     "-c", "3d_fullres", "-f", "0", "-tr", "mbls_vector", *PREDICT_FLAGS, nnUNet_results=str(out))
+    case = next(prediction.glob("*.npz")).stem
+    _, probabilities = read_prediction(prediction, case)
+    expected = torch.softmax(calibration.apply(plugin_logits(model, images)), dim=0).numpy()
+    # nnU-Net sums the sliding-window logits in float16: compare where the Gaussian weights keep its precision
+    interior = float16_exact_region(model, probabilities.shape[1:])
+    np.testing.assert_allclose(probabilities[:, interior], expected[:, interior], rtol=0, atol=2e-3)
+    assert np.abs(probabilities - torch.softmax(plugin_logits(model, images), dim=0).numpy())[:, interior].max() > 0.01
+
+
+def test_fit_calibration_reruns_the_validation_of_a_model_without_a_sample(env, trained, tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    model = copy_model(trained, results, ignore=("logit_sample.nnunet_margin", "calibration_map.json"))
+    monkeypatch.setenv("nnUNet_results", str(results))
+    records = fit_model_calibration(model, "temperature", scope="foreground", device="cpu")
+    assert (model / "fold_0" / "validation" / "logit_sample.nnunet_margin").is_file()
+    assert records["fold_0"]["calibration"]["method"] == "temperature"
+    assert json.loads((model / "fold_0" / "validation" / PROVENANCE_FILE).read_text())["sha256"] == \
+        file_sha256(model / "fold_0" / "checkpoint_final.pth")
+
+
+def test_calibration_map_of_another_checkpoint_is_not_exported(trained, tmp_path):
+    model = copy_model(trained, tmp_path / "source")
+    assert cli.main(["fit-calibration", str(model), "--method", "temperature", "--scope", "foreground"]) == 0
+    retrain(model)
+    with pytest.raises(ValueError, match="fitted for another checkpoint_final.pth"):
+        export_portable(model, tmp_path / "portable", calibration=True)
+    with pytest.raises(ValueError, match="--scope crop"):
+        fit_model_calibration(model, "vector", scope="foreground")

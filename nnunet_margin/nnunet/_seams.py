@@ -109,9 +109,11 @@ def _check_logger_keys() -> None:
              "LocalLogger has no my_fantastic_logging dict")
 
 
-def training_cases(trainer: nnUNetTrainer) -> list[str]:
-    """The fold's training cases, from nnU-Net's own split (which may write splits_final.json, as training does)."""
-    return list(trainer.do_split()[0])
+def fold_split(trainer: nnUNetTrainer) -> tuple[list[str], list[str]]:
+    """The fold's training and validation cases, from nnU-Net's own split (which may write splits_final.json, as
+    training does)."""
+    train, validation = trainer.do_split()
+    return list(train), list(validation)
 
 
 def fold_training_cases(preprocessed_dataset_folder: Path, all_cases: list[str], fold: str | None) -> list[str]:
@@ -141,6 +143,25 @@ def _check_split() -> None:
     for expected in ("generate_crossval_split(all_keys_sorted, seed=12345, n_splits=5)",
                      "np.random.RandomState(seed=12345 + self.fold)", "int(len(keys) * 0.8)"):
         _require("split", expected in source, f"do_split no longer contains `{expected}`")
+
+
+def validation_trainer(trainer_class: type, plans: dict, configuration: str, fold: str, dataset_json: dict,
+                       device: torch.device) -> nnUNetTrainer:
+    """A trainer built as `nnUNetv2_train ... --val` builds it (nnU-Net 2.8 passes continue_training in the plans)."""
+    return trainer_class(plans={**plans, "continue_training": False}, configuration=configuration,
+                         fold=int(fold) if fold.isdigit() else fold, dataset_json=dataset_json, device=device)
+
+
+@_seam("trainer_construction", "nnUNetv2_train builds a trainer from the preprocessed plans with "
+                               "plans['continue_training'] set and keyword arguments plans, configuration, fold, "
+                               "dataset_json, device")
+def _check_trainer_construction() -> None:
+    from nnunetv2.run import run_training
+
+    source = _source(run_training.get_trainer_from_args)
+    _require("trainer_construction", 'plans["continue_training"] = continue_training' in source
+             and "nnunet_trainer(plans=plans, configuration=configuration, fold=fold" in source,
+             "get_trainer_from_args builds trainers differently")
 
 
 # --- checkpoints ----------------------------------------------------------------------------------------------
@@ -270,6 +291,13 @@ def load_preprocessed_segmentation(configuration_folder: str | Path, case: str) 
 
     dataset = infer_dataset_class(str(configuration_folder))(str(configuration_folder), [case])
     return np.asarray(dataset.load_case(case)[1][:])
+
+
+def case_properties(configuration_folder: str | Path, case: str) -> dict:
+    """The properties nnU-Net's preprocessing stored for a case (crop box, shapes, spacing)."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    return infer_dataset_class(str(configuration_folder))(str(configuration_folder), [case]).load_case(case)[3]
 
 
 @_seam("preprocessed_dataset", "infer_dataset_class(folder) gives a class with get_identifiers(folder) and "

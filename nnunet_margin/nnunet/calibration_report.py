@@ -156,17 +156,17 @@ def segmentation_metrics(segmentation: np.ndarray, reference: np.ndarray, class_
                for metric, values in distances.items()}}
 
 
-def _json_value(value: Any) -> Any:
+def json_value(value: Any) -> Any:
     """NaN/inf -> None (strict JSON); lists are converted element-wise."""
     if isinstance(value, list):
-        return [_json_value(item) for item in value]
+        return [json_value(item) for item in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
 
 
 def _json_metrics(stats: CalibrationStats) -> dict[str, Any]:
-    return {name: _json_value(value) for name, value in stats.compute().items()}
+    return {name: json_value(value) for name, value in stats.compute().items()}
 
 
 def _nanmean(values: list[float | None]) -> float | None:
@@ -192,10 +192,10 @@ def _segmentation_means(per_case: list[dict[str, dict[str, float | None]]]) -> d
 def _dice_from_summary(summary_json: Path, class_names: list[str]) -> dict[str, Any]:
     """Per-class and foreground-mean Dice of nnU-Net's summary.json (keys are label values as strings)."""
     summary = json.loads(summary_json.read_text())
-    per_class = {class_names[int(key)]: _json_value(metrics.get("Dice"))
+    per_class = {class_names[int(key)]: json_value(metrics.get("Dice"))
                  for key, metrics in summary.get("mean", {}).items() if key.isdigit() and int(key) < len(class_names)}
     return {"source": str(summary_json), "per_class": per_class,
-            "foreground_mean": _json_value(summary.get("foreground_mean", {}).get("Dice"))}
+            "foreground_mean": json_value(summary.get("foreground_mean", {}).get("Dice"))}
 
 
 def write_calibration_report(per_case: dict[str, dict[str, CalibrationStats]], output_folder: PathLike,
@@ -225,7 +225,7 @@ def write_calibration_report(per_case: dict[str, dict[str, CalibrationStats]], o
                for scope in scopes}
     if segmentation:
         for case, metrics in segmentation.items():
-            metric_per_case[case]["segmentation"] = {metric: {name: _json_value(value) for name, value in
+            metric_per_case[case]["segmentation"] = {metric: {name: json_value(value) for name, value in
                                                               values.items()} for metric, values in metrics.items()}
         summary["segmentation"] = _segmentation_means([metric_per_case[case]["segmentation"]
                                                        for case in segmentation])

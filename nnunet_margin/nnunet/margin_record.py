@@ -61,7 +61,7 @@ def compute_fold_record(trainer, tau: float, upsilon: float, empty_classes: str,
     per_case = trainer_label_counts(trainer, num_processes)
     labels = label_spec(trainer)
     where = f"fold {trainer.fold} of {trainer.plans_manager.dataset_name} ({trainer.configuration_name})"
-    return offsets_record(per_case, _seams.training_cases(trainer), class_names(trainer.dataset_json,
+    return offsets_record(per_case, _seams.fold_split(trainer)[0], class_names(trainer.dataset_json,
                           labels.num_classes), tau, upsilon, empty_classes, where, labels.ignore_label)
 
 

@@ -6,7 +6,10 @@ so the copy names nnU-Net's base trainer `nnUNetTrainer` instead, after checking
 not override `build_network_architecture`, and the weights must load into nnU-Net's own network built from the
 plans. With `temperature=True`, each fold's fitted temperature (fold_X/temperature.json, see
 `nnunet_margin.nnunet.temperature`) is folded into the final segmentation layer: its weight and bias are divided by
-T, so the network outputs logits / T and nnU-Net's probabilities become softmax(logits / T).
+T, so the network outputs logits / T and nnU-Net's probabilities become softmax(logits / T). With `calibration=True`,
+each fold's map from fit-calibration (fold_X/calibration_map.json: A z + b, see `nnunet_margin.nnunet.posthoc`) is
+folded in the same way: the final 1x1(x1) convolution z = V f + c becomes V' = A V, c' = A c + b
+(docs/methods.md 6), so nnU-Net's fold ensemble averages calibrated logits.
 
 Output convention: OUT is an nnUNet_results-style root. The copy goes to OUT/DATASET/NAME__PLANS__CONFIGURATION
 with NAME = nnUNetTrainer unless chosen (`name`), so with nnUNet_results=OUT the usual commands work:
@@ -43,7 +46,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..calibration.affine import AffineCalibration, fold_affine_calibration
 from . import _seams
+from .posthoc import read_calibration_map
 from .temperature import BOUND_MEANINGS, FINAL_CHECKPOINT, TEMPERATURE_FILE, PathLike, TrainedModel, bound_side
 
 BASE_TRAINER = "nnUNetTrainer"
@@ -83,30 +88,42 @@ class PlainNetwork:
                              f"trainer changed the architecture and plain nnU-Net cannot load the model "
                              f"({str(error).splitlines()[0]})") from None
 
+    @property
+    def num_classes(self) -> int:
+        return self.network.state_dict()[self.final_layer_prefix() + "weight"].shape[0]
+
     def final_layer_prefix(self) -> str:
         """State-dict prefix of the layer that computes the full-resolution logits, e.g. 'decoder.seg_layers.4.'."""
         return _seams.final_layer_prefix(self.network)
 
-    def fold_temperature(self, weights: dict[str, torch.Tensor], temperature: float) -> dict[str, torch.Tensor]:
-        """Weights whose network outputs the original logits / T (final layer's weight and bias divided by T),
-        checked on a random input (in float64)."""
+    def fold_calibration(self, weights: dict[str, torch.Tensor], calibration: AffineCalibration
+                         ) -> dict[str, torch.Tensor]:
+        """Weights whose network outputs A z + b for the original logits z (the final 1x1(x1) convolution's weight
+        V and bias c become A V and A c + b), checked on a random input in float64."""
         prefix = self.final_layer_prefix()
-        scaled = {name: value / temperature if name in (prefix + "weight", prefix + "bias") else value
-                  for name, value in weights.items()}
+        folded = dict(weights)
+        folded[prefix + "weight"], folded[prefix + "bias"] = fold_affine_calibration(
+            weights[prefix + "weight"], weights.get(prefix + "bias"), calibration)
         probe = copy.deepcopy(self.network).double().eval()
         generator = torch.Generator().manual_seed(0)
         image = torch.randn((1, self.num_input_channels, *self.probe_shape), generator=generator,
                             dtype=torch.float64)
         with torch.no_grad():
             probe.load_state_dict(weights)
-            expected = probe(image) / temperature
-            probe.load_state_dict(scaled)
+            expected = calibration.apply(probe(image), class_dim=1)
+            probe.load_state_dict(folded)
             deviation = float((probe(image) - expected).abs().max())
         # float32 rounding of the stored weights is the only expected difference
         if not deviation <= 1e-5 * float(expected.abs().max()):
-            raise RuntimeError(f"dividing {prefix}weight and bias by T = {temperature} did not divide the logits by "
-                               f"T (max deviation {deviation:.3g}); export without --temperature")
-        return scaled
+            raise RuntimeError(f"folding the {calibration.method} calibration into {prefix}weight and bias did not "
+                               f"give the calibrated logits (max deviation {deviation:.3g}); export without it")
+        return folded
+
+
+def temperature_calibration(temperature: float, num_classes: int) -> AffineCalibration:
+    """softmax(z / T) as an affine map: A = I / T, b = 0."""
+    return AffineCalibration(torch.eye(num_classes, dtype=torch.float64) / temperature,
+                             torch.zeros(num_classes, dtype=torch.float64), "temperature", {"temperature": temperature})
 
 
 @functools.cache
@@ -160,14 +177,16 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def _export_checkpoint(source: Path, destination: Path, network: PlainNetwork, temperature: float | None) -> str:
-    """Copy one checkpoint with trainer_name nnUNetTrainer (and T folded in); returns the source's trainer name."""
+def _export_checkpoint(source: Path, destination: Path, network: PlainNetwork,
+                       calibration: AffineCalibration | None) -> str:
+    """Copy one checkpoint with trainer_name nnUNetTrainer (and the calibration folded in); returns the source's
+    trainer name."""
     checkpoint = _load_checkpoint(source)
     trainer_name = checkpoint["trainer_name"]
     check_trainer_keeps_network(trainer_name)
     network.check_weights(checkpoint["network_weights"], str(source))
-    if temperature is not None:
-        checkpoint["network_weights"] = network.fold_temperature(checkpoint["network_weights"], temperature)
+    if calibration is not None:
+        checkpoint["network_weights"] = network.fold_calibration(checkpoint["network_weights"], calibration)
     checkpoint["trainer_name"] = BASE_TRAINER
     torch.save(checkpoint, destination)
     return trainer_name
@@ -248,19 +267,18 @@ def _staging_folders(destination: Path) -> list[Path]:
                  or not any(folder.iterdir()))]
 
 
-def _write_export(model: TrainedModel, staging: Path, fold_folders: list[Path], temperatures: dict[str, float],
-                  bounds_allowed: dict[str, str]) -> None:
-    """Write the complete export into the staging folder, export_info.json last."""
-    network = PlainNetwork.build(model)
+def _write_export(model: TrainedModel, network: PlainNetwork, staging: Path, fold_folders: list[Path],
+                  calibrations: dict[str, AffineCalibration], info: dict[str, Any]) -> None:
+    """Write the complete export into the staging folder, export_info.json (`info` and the sources) last."""
     source_trainers = set()
     for fold_folder in fold_folders:
         target = staging / fold_folder.name
         (target / "validation").mkdir(parents=True)
-        checkpoints = [FINAL_CHECKPOINT] if temperatures else [FINAL_CHECKPOINT, BEST_CHECKPOINT]
+        checkpoints = [FINAL_CHECKPOINT] if calibrations else [FINAL_CHECKPOINT, BEST_CHECKPOINT]
         for name in checkpoints:
             if (fold_folder / name).is_file():
                 source_trainers.add(_export_checkpoint(fold_folder / name, target / name, network,
-                                                       temperatures.get(fold_folder.name)))
+                                                       calibrations.get(fold_folder.name)))
         for name in FOLD_FILES:
             if (fold_folder / name).is_file():
                 shutil.copyfile(fold_folder / name, target / name)
@@ -269,10 +287,8 @@ def _write_export(model: TrainedModel, staging: Path, fold_folders: list[Path], 
     for name in MODEL_FILES:
         if (model.folder / name).is_file():
             shutil.copyfile(model.folder / name, staging / name)
-    info: dict[str, Any] = {"source": str(model.folder), "source_trainers": sorted(source_trainers),
-                            "folds": [fold.name for fold in fold_folders], "temperatures_folded_in": temperatures}
-    if bounds_allowed:
-        info["temperatures_at_bound"] = bounds_allowed
+    info = {"source": str(model.folder), "source_trainers": sorted(source_trainers),
+            "folds": [fold.name for fold in fold_folders], **info}
     (staging / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2))
     (staging / STAGING_MARKER).unlink()
 
@@ -306,7 +322,7 @@ def _move_into_place(staging: Path, destination: Path) -> None:
 
 def export_portable(model_folder: PathLike, out_folder: PathLike, temperature: bool = False,
                     folds: list[str | int] | None = None, name: str = BASE_TRAINER, overwrite: bool = False,
-                    allow_bound: bool = False) -> Path:
+                    allow_bound: bool = False, calibration: bool = False) -> Path:
     """Write a copy of the model that plain nnU-Net loads to OUT/DATASET/NAME__PLANS__CONFIGURATION (see the module
     docstring for the naming and the safety rules) and return that folder.
 
@@ -314,9 +330,14 @@ def export_portable(model_folder: PathLike, out_folder: PathLike, temperature: b
     progress.png and validation/summary.json (those present), and records the source in export_info.json. With
     `temperature`, checkpoint_best.pth is left out, since the temperature was fitted to checkpoint_final.pth's
     validation predictions, and a temperature at a bound of fit-temperature's search is refused unless
-    `allow_bound`. Folds default to every fold_X with checkpoint_final.pth. `overwrite` replaces an earlier export
-    of the same source (entirely: nothing of it is kept).
+    `allow_bound`. With `calibration`, each fold's map from `nnunet-margin fit-calibration` (calibration_map.json)
+    is folded in instead, likewise into checkpoint_final.pth only. Folds default to every fold_X with
+    checkpoint_final.pth. `overwrite` replaces an earlier export of the same source (entirely: nothing of it is
+    kept).
     """
+    if temperature and calibration:
+        raise ValueError("pass --temperature or --calibration, not both: one map is folded into the network (a "
+                         "calibration map fitted with --method temperature is a temperature too)")
     check_export_name(name)
     model = TrainedModel.load(model_folder)
     out = Path(out_folder).resolve()
@@ -324,8 +345,16 @@ def export_portable(model_folder: PathLike, out_folder: PathLike, temperature: b
     _check_locations(model, out, destination, overwrite)
     fold_folders = model.fold_folders(folds)
     records = {fold.name: _read_temperature(fold, allow_bound) for fold in fold_folders} if temperature else {}
-    temperatures = {fold: value for fold, (value, _) in records.items()}
+    info: dict[str, Any] = {"temperatures_folded_in": {fold: value for fold, (value, _) in records.items()}}
+    network = PlainNetwork.build(model)
+    calibrations = {fold: temperature_calibration(value, network.num_classes) for fold, (value, _) in records.items()}
     bounds_allowed = {fold: side for fold, (_, side) in records.items() if side is not None}
+    if bounds_allowed:
+        info["temperatures_at_bound"] = bounds_allowed
+    if calibration:
+        calibrations = {fold.name: read_calibration_map(fold) for fold in fold_folders}
+        info["calibrations_folded_in"] = {fold: {"method": map_.method, "weight": map_.weight.tolist(),
+                                                 "bias": map_.bias.tolist()} for fold, map_ in calibrations.items()}
 
     created = [folder for folder in (destination.parent, out) if not folder.exists()]
     staging = _sibling(destination, "partial")
@@ -335,7 +364,7 @@ def export_portable(model_folder: PathLike, out_folder: PathLike, temperature: b
             _remove_own_folder(leftover)
         staging.mkdir()
         (staging / STAGING_MARKER).write_text(json.dumps({"source": str(model.folder)}))
-        _write_export(model, staging, fold_folders, temperatures, bounds_allowed)
+        _write_export(model, network, staging, fold_folders, calibrations, info)
         _move_into_place(staging, destination)
     except BaseException as error:
         try:

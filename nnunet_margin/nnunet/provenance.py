@@ -87,6 +87,21 @@ def _stale_reason(validation: Path, checkpoint: Path) -> str | None:
     return None
 
 
+def check_sample_current(fold_folder: str | Path, sample_file: Path, refresh_command: str) -> None:
+    """Raise StaleValidationError, naming `refresh_command`, unless the logit sample comes from a complete
+    validation of the fold's current checkpoint_final.pth: the plugin's validation writes the sample, then the
+    record, so a current record at least as new as the sample vouches for it."""
+    fold_folder = Path(fold_folder)
+    record_file = fold_folder / "validation" / PROVENANCE_FILE
+    checkpoint = fold_folder / FINAL_CHECKPOINT
+    if not record_file.is_file() or record_file.stat().st_mtime_ns < sample_file.stat().st_mtime_ns:
+        reason = f"{record_file} is missing or older than {sample_file.name}: the validation that wrote it did not finish"
+    else:
+        reason = _record_problem(record_file, checkpoint)
+    if reason is not None:
+        raise StaleValidationError(f"{reason}. Refresh it with `{refresh_command}`")
+
+
 def check_validation_current(fold_folder: str | Path, refresh_command: str) -> None:
     """Raise StaleValidationError, naming `refresh_command`, unless fold_folder/validation's probabilities come
     from a complete validation of the fold's current checkpoint_final.pth (see the module docstring)."""
