@@ -502,8 +502,9 @@ def test_vector_scaling_fitted_on_the_logit_sample_ships_in_a_plain_nnunet_model
     case = next(prediction.glob("*.npz")).stem
     _, probabilities = read_prediction(prediction, case)
     expected = torch.softmax(calibration.apply(plugin_logits(model, images)), dim=0).numpy()
-    # nnU-Net sums the sliding-window logits in float16: compare where the Gaussian weights keep its precision
-    interior = float16_exact_region(model, probabilities.shape[1:])
+    # nnU-Net sums the sliding-window logits in float16: compare inside the image, 8 voxels from the patch border
+    interior = np.zeros(probabilities.shape[1:], dtype=bool)
+    interior[8:-8, 8:-8, 8:-8] = True
     np.testing.assert_allclose(probabilities[:, interior], expected[:, interior], rtol=0, atol=2e-3)
     assert np.abs(probabilities - torch.softmax(plugin_logits(model, images), dim=0).numpy())[:, interior].max() > 0.01
 

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import inspect
 import json
+import sys
 import warnings
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -336,10 +337,12 @@ def _check_evaluation() -> None:
 
 
 def find_trainer_class(name: str) -> type:
-    """nnU-Net's trainer lookup (nnunetv2's own trainers and the folders in nnUNet_extTrainer)."""
+    """nnU-Net's trainer lookup (nnunetv2's own trainers and the folders in nnUNet_extTrainer); its search
+    messages go to stderr, so that a command's own output (e.g. `benchmark --dry-run`) stays clean."""
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-    return recursive_find_trainer_class_by_name(name)
+    with contextlib.redirect_stdout(sys.stderr):
+        return recursive_find_trainer_class_by_name(name)
 
 
 def soft_dice_loss(batch_dice: bool, ddp: bool) -> torch.nn.Module:
