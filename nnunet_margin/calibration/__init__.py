@@ -4,8 +4,18 @@
 in one call; `plot_reliability_diagram` draws the reliability curves; `boundary_scope` selects the voxels near
 ground-truth class boundaries; `surface_distances` gives HD95 and ASD per class; `compare_methods` and the table and
 figure functions of `comparison` build the papers' comparison table of methods from per-case scores.
+`TemperatureFit` fits a temperature to stored probabilities; `LogitSample` and `fit_affine_calibration` fit
+temperature, vector or matrix scaling to logits, which `fold_affine_calibration` folds into the network's last layer.
 """
 
+from .affine import (
+    AffineCalibration,
+    check_matrix_scaling,
+    evaluate_affine_calibrations,
+    fit_affine_calibration,
+    fold_affine_calibration,
+    logit_calibration_metrics,
+)
 from .boundary import boundary_scope, boundary_voxels
 from .comparison import (
     METRIC_DIRECTIONS,
@@ -27,6 +37,7 @@ from .functional import (
     maximum_calibration_error,
     negative_log_likelihood,
 )
+from .logit_sample import LabelledLogits, LogitSample
 from .reliability import plot_reliability_diagram
 from .stats import CalibrationStats, ReliabilityBins
 from .surface import surface_distances
@@ -34,9 +45,12 @@ from .temperature import TemperatureFit, apply_temperature, fit_temperature
 
 __all__ = [
     "METRIC_DIRECTIONS",
+    "AffineCalibration",
     "CalibrationStats",
     "CaseScores",
     "Comparison",
+    "LabelledLogits",
+    "LogitSample",
     "ReliabilityBins",
     "TemperatureFit",
     "apply_temperature",
@@ -44,13 +58,18 @@ __all__ = [
     "boundary_scope",
     "boundary_voxels",
     "brier_score",
+    "check_matrix_scaling",
     "classwise_average_calibration_error",
     "classwise_expected_calibration_error",
     "compare_methods",
     "csv_table",
+    "evaluate_affine_calibrations",
     "expected_calibration_error",
+    "fit_affine_calibration",
     "fit_temperature",
+    "fold_affine_calibration",
     "latex_table",
+    "logit_calibration_metrics",
     "markdown_report",
     "markdown_table",
     "maximum_calibration_error",

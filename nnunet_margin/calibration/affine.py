@@ -42,12 +42,15 @@ DEFAULT_FOLDS = 3
 # classes (1056 parameters), where even millions of voxels from a few validation cases overfit.
 MATRIX_MAX_CLASSES = 32
 MATRIX_MIN_VOXELS_PER_PARAMETER = 1000
-_HESSIAN_MAX_VOXELS = 2**15
-# Entries (voxels x classes, or voxels x K (K + 1) for the matrix-scaling Hessian) processed at once.
-_CHUNK_ENTRIES = 2**20
+_HESSIAN_MAX_VOXELS = 2**14
+# Entries (voxels x classes, or voxels x K (K + 1) for the matrix-scaling Hessian) processed at once; on 2 cores,
+# 2**16 (512 KiB temporaries) was faster than 2**20 when fitting.
+_CHUNK_ENTRIES = 2**16
 _MAX_ITERATIONS = 100
-# Newton decrement g^T H^-1 g, about 2 (F - min F): stop when below.
+# Newton decrement g^T H^-1 g, about 2 (F - min F): stop when below; cross-validation fits only need held-out NLLs
+# far more precise than their differences between grid points.
 _DECREMENT_TOLERANCE = 1e-12
+_CROSS_VALIDATION_TOLERANCE = 1e-9
 _ARMIJO_FRACTION = 1e-4
 _MIN_STEP_FRACTION = 2.0**-30
 
@@ -278,7 +281,7 @@ class _Minimum:
 
 
 def _minimise(method: str, logits: torch.Tensor, labels: torch.Tensor, start: torch.Tensor,
-              penalty: torch.Tensor) -> _Minimum:
+              penalty: torch.Tensor, tolerance: float = _DECREMENT_TOLERANCE) -> _Minimum:
     """Newton iterations on mean NLL + sum_j penalty_j theta_j^2 from `start` (see the module docstring)."""
     num_voxels = labels.numel()
     exact_hessian = method != "matrix" or num_voxels <= _HESSIAN_MAX_VOXELS
@@ -300,7 +303,7 @@ def _minimise(method: str, logits: torch.Tensor, labels: torch.Tensor, start: to
             hessian /= subsample_labels.numel()
         step = _newton_step(hessian + torch.diag(2 * penalty), gradient)
         decrement = -float(gradient @ step)
-        if decrement <= _DECREMENT_TOLERANCE:
+        if decrement <= tolerance:
             return _Minimum(parameters, objective, iteration, True)
         fraction = 1.0
         while True:
@@ -310,7 +313,7 @@ def _minimise(method: str, logits: torch.Tensor, labels: torch.Tensor, start: to
                 break
             fraction /= 2
             if fraction < _MIN_STEP_FRACTION:  # no decrease left that float64 can resolve
-                return _Minimum(parameters, objective, iteration, decrement <= 1e3 * _DECREMENT_TOLERANCE)
+                return _Minimum(parameters, objective, iteration, decrement <= 1e3 * tolerance)
         parameters, objective, gradient, hessian = trial, trial_objective, trial_gradient, trial_hessian
     return _Minimum(parameters, objective, _MAX_ITERATIONS, False)
 
@@ -340,8 +343,9 @@ def _checked_odir(odir: Sequence[float]) -> tuple[float, float]:
 def _cross_validate_odir(logits: torch.Tensor, labels: torch.Tensor, grid: list[tuple[float, float]],
                          fold_ids: torch.Tensor, folds: int) -> tuple[dict, torch.Tensor]:
     """Mean held-out NLL of every (lambda_od, lambda_b) in grid over the folds, and the mean over the folds of the
-    parameters fitted with the best one (a warm start for the final fit). Each fold's fits run from the strongest
-    penalty to the weakest, each starting from the previous solution."""
+    parameters fitted with the best one (a warm start for the final fit). The first fold's fits run from the
+    strongest penalty to the weakest, each starting from the previous solution; the other folds' start from the
+    first fold's solution with the same penalty."""
     num_classes = logits.shape[0]
     order = sorted(grid, key=lambda pair: pair, reverse=True)
     held_out_nll = {pair: 0.0 for pair in order}
@@ -353,8 +357,9 @@ def _cross_validate_odir(logits: torch.Tensor, labels: torch.Tensor, grid: list[
         held_out_logits, held_out_labels = logits[:, held_out], labels[held_out]
         parameters = _identity_parameters("matrix", num_classes)
         for pair in order:
-            parameters = _minimise("matrix", fit_logits, fit_labels, parameters,
-                                   _odir_penalty("matrix", num_classes, pair)).parameters
+            start = parameters if fold == 0 else solutions[pair][0]
+            parameters = _minimise("matrix", fit_logits, fit_labels, start, _odir_penalty("matrix", num_classes, pair),
+                                   _CROSS_VALIDATION_TOLERANCE).parameters
             held_out_nll[pair] += float(_nll_sums("matrix", parameters, held_out_logits, held_out_labels,
                                                   gradient=False)[0])
             solutions[pair].append(parameters)
@@ -445,7 +450,7 @@ def fit_affine_calibration(logits: ArrayLike, labels: ArrayLike, method: str = "
 # ---------------------------------------------------------------------------------------------------- evaluation
 
 
-def calibration_metrics(logits: ArrayLike, labels: ArrayLike, calibration: AffineCalibration | None = None,
+def logit_calibration_metrics(logits: ArrayLike, labels: ArrayLike, calibration: AffineCalibration | None = None,
                         n_bins: int = 15) -> dict[str, Any]:
     """`CalibrationStats.compute()` of softmax(calibration.apply(logits)) (float64) for logits (K, *voxels) and
     labels (*voxels); without calibration, of softmax(logits)."""
@@ -467,19 +472,20 @@ def evaluate_affine_calibrations(sample: LogitSample, methods: Sequence[str] = M
     """Fit each method on the fit part of `sample` and measure it on the held-out part (`LogitSample.split`).
 
     Returns {"num_fit_voxels", "num_held_out_voxels", "uncalibrated": metrics, method: {"calibration":
-    AffineCalibration, "held_out": metrics}, ...}, metrics as from `calibration_metrics`. `fit_options` go to
-    `fit_affine_calibration` (cross-validation folds come from the sample's voxel positions).
+    AffineCalibration, "held_out": metrics}, ...}, metrics as from `logit_calibration_metrics`. `fit_options` go to
+    `fit_affine_calibration` (cross-validation folds come from the sample's voxel positions). Raises ValueError where
+    matrix scaling would overfit (`check_matrix_scaling`): leave "matrix" out of `methods` there.
     """
     fit, held_out = sample.split(held_out_fraction)
     folds = fit_options.pop("folds", DEFAULT_FOLDS)
     results: dict[str, Any] = {
         "num_fit_voxels": fit.num_voxels,
         "num_held_out_voxels": held_out.num_voxels,
-        "uncalibrated": calibration_metrics(held_out.logits, held_out.labels, n_bins=n_bins),
+        "uncalibrated": logit_calibration_metrics(held_out.logits, held_out.labels, n_bins=n_bins),
     }
     for method in methods:
         calibration = fit_affine_calibration(fit.logits, fit.labels, method, folds=folds,
                                              fold_ids=fit.fold_ids(folds), **fit_options)
         results[method] = {"calibration": calibration,
-                           "held_out": calibration_metrics(held_out.logits, held_out.labels, calibration, n_bins)}
+                           "held_out": logit_calibration_metrics(held_out.logits, held_out.labels, calibration, n_bins)}
     return results

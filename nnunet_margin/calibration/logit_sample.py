@@ -51,9 +51,9 @@ class LabelledLogits:
 class LogitSample:
     """Accumulates labelled voxels' logits from any number of cases into a bounded uniform random sample.
 
-    Memory stays below about 2 * max_voxels * (4 K + 24) bytes: voxels are added to a buffer that is cut back to
-    the `max_voxels` smallest keys whenever it holds twice that many, and voxels whose key cannot make the cut are
-    dropped on arrival.
+    Memory stays near 2 * max_voxels * (4 K + 24) bytes (twice that for a moment while cutting back): voxels are
+    added to a buffer that is cut back to the `max_voxels` smallest keys whenever it holds twice that many, and
+    voxels whose key cannot make the cut are dropped on arrival.
 
     Example::
 
@@ -203,10 +203,10 @@ class LogitSample:
         """
         if not isinstance(other, LogitSample):
             raise TypeError(f"can only merge a LogitSample, got {type(other).__name__}")
-        if set(self.seeds) & set(other.seeds):
-            raise ValueError(f"cannot merge samples built with the same seed {sorted(set(self.seeds) & set(other.seeds))}"
-                             f": their keys are not independent. Give each sample its own seed (e.g. the fold or "
-                             f"process rank)")
+        shared_seeds = sorted(set(self.seeds) & set(other.seeds))
+        if shared_seeds:
+            raise ValueError(f"cannot merge samples built with the same seed {shared_seeds}: their keys are not "
+                             f"independent. Give each sample its own seed (e.g. the fold or process rank)")
         if None not in (self.num_classes, other.num_classes) and self.num_classes != other.num_classes:
             raise ValueError(f"cannot merge a sample of {other.num_classes} classes into one of "
                              f"{self.num_classes} classes")

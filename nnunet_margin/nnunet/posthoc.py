@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .._atomic import write_json_atomic
-from ..calibration.affine import AffineCalibration, calibration_metrics, fit_affine_calibration
+from ..calibration.affine import AffineCalibration, fit_affine_calibration, logit_calibration_metrics
 from ..calibration.logit_sample import LabelledLogits, LogitSample
 from . import _seams
 from .calibration_report import json_value
@@ -109,8 +109,8 @@ def fit_fold(fold_folder: Path, sample: LogitSample, method: str, scope: str, he
         part = _in_scope(held_out, measured_scope)
         measured[measured_scope] = {
             "num_voxels": part.num_voxels,
-            "before": _json_metrics(calibration_metrics(part.logits, part.labels)),
-            "after": _json_metrics(calibration_metrics(part.logits, part.labels, calibration))}
+            "before": _json_metrics(logit_calibration_metrics(part.logits, part.labels)),
+            "after": _json_metrics(logit_calibration_metrics(part.logits, part.labels, calibration))}
     record = {
         "method": method,
         "scope": scope,
