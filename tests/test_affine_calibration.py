@@ -295,6 +295,8 @@ def test_calibration_arguments_are_checked():
         fit_affine_calibration(logits, labels + 1, "vector")
     with pytest.raises(ValueError, match="pair"):
         fit_affine_calibration(*random_logits(30_000), "matrix", odir=(-1.0, 0.0))
+    with pytest.raises(ValueError, match=r"fold_ids must hold one integer fold in \[0, 3\)"):
+        fit_affine_calibration(*random_logits(30_000), "matrix", folds=3, fold_ids=torch.arange(30_000) % 4)
 
 
 def test_warns_when_a_class_has_no_fit_voxel():
