@@ -133,7 +133,7 @@ def test_apply_temperature_rejects_invalid_temperatures(temperature):
     (torch.ones(2, 3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64), None, "floating point"),
     (torch.full((1, 3), 1.0), torch.zeros(3, dtype=torch.int64), None, r"K >= 2"),
     (torch.full((2, 3), 0.5), torch.zeros(3), None, "integer array"),
-    (torch.full((2, 3), 0.5), torch.tensor([0, 1, 2]), None, r"labels must lie in \[0, 2\)"),
+    (torch.full((2, 3), 0.5), torch.tensor([0, 1, 2]), None, r"labels hold the value 2, outside \[0, 2\)"),
     (torch.full((2, 3), 0.5), torch.tensor([0, 1, 1]), torch.ones(3), "bool array"),
     (torch.tensor([[0.5, float("nan"), 0.5]] * 2), torch.tensor([0, 1, 1]), None, "NaN"),
     (torch.tensor([[1.5, 0.5], [-0.5, 0.5]]), torch.tensor([0, 1]), None, "negative"),

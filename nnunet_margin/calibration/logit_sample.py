@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .._atomic import atomic_path
-from .stats import ArrayLike
+from .stats import ArrayLike, check_label_range, check_voxel_arrays
 
 # 2 * 10**6 voxels: 8 MiB of float32 per class, and a statistical error of fitted calibrators far below that of the
 # few validation cases they come from.
@@ -114,14 +114,7 @@ class LogitSample:
                              f"{logits.dtype} and shape {tuple(logits.shape)}")
         if self.num_classes is not None and logits.shape[0] != self.num_classes:
             raise ValueError(f"logits have {logits.shape[0]} classes, earlier updates had {self.num_classes}")
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise ValueError(f"labels must be an integer array of class indices, got dtype {labels.dtype}")
-        if tuple(labels.shape) != tuple(logits.shape[1:]):
-            raise ValueError(f"labels shape {tuple(labels.shape)} does not match logits shape "
-                             f"{tuple(logits.shape)}: expected labels of shape {tuple(logits.shape[1:])}")
-        if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != tuple(labels.shape)):
-            raise ValueError(f"mask must be a bool array of the labels' shape {tuple(labels.shape)}, got dtype "
-                             f"{mask.dtype} and shape {tuple(mask.shape)}")
+        check_voxel_arrays(logits, labels, mask, name="logits")
         self.num_classes = int(logits.shape[0])
         return logits, labels, mask
 
@@ -130,10 +123,7 @@ class LogitSample:
         count = labels.numel()
         if count == 0:
             return
-        low, high = (int(value) for value in torch.aminmax(labels))
-        if low < 0 or high >= self.num_classes:
-            raise ValueError(f"labels must lie in [0, {self.num_classes}), got values from {low} to {high}; mask "
-                             f"out ignored voxels")
+        check_label_range(labels, self.num_classes)
         if not bool(torch.isfinite(logits).all()):
             raise ValueError("logits hold NaN or inf values")
         # Key and position of every counted voxel, so that the random stream does not depend on which were kept.

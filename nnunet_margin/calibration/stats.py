@@ -76,20 +76,32 @@ def _as_tensor(array: ArrayLike, name: str) -> torch.Tensor:
     raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(array).__name__}")
 
 
-def check_voxel_arrays(probabilities: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None) -> None:
-    """Dtypes and shapes of probabilities (K, *spatial), integer labels (*spatial) and an optional bool mask."""
-    if not probabilities.is_floating_point():
-        raise ValueError(f"probabilities must be floating point, got dtype {probabilities.dtype}")
+def check_voxel_arrays(values: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None,
+                       name: str = "probabilities") -> None:
+    """Dtypes and shapes of `name` (K, *spatial) floats (probabilities or logits), integer labels (*spatial) and an
+    optional bool mask."""
+    if not values.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got dtype {values.dtype}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer array of class indices, got dtype {labels.dtype}")
-    if tuple(labels.shape) != tuple(probabilities.shape[1:]):
-        raise ValueError(f"labels shape {tuple(labels.shape)} does not match probabilities shape "
-                         f"{tuple(probabilities.shape)}: expected labels of shape {tuple(probabilities.shape[1:])}")
+    if tuple(labels.shape) != tuple(values.shape[1:]):
+        raise ValueError(f"labels shape {tuple(labels.shape)} does not match {name} shape "
+                         f"{tuple(values.shape)}: expected labels of shape {tuple(values.shape[1:])}")
     if mask is not None:
         if mask.dtype != torch.bool:
             raise ValueError(f"mask must be a bool array, got dtype {mask.dtype}")
         if tuple(mask.shape) != tuple(labels.shape):
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match labels shape {tuple(labels.shape)}")
+
+
+def check_label_range(labels: torch.Tensor, num_classes: int) -> None:
+    """Every label (of the voxels that count) is a class index in [0, num_classes)."""
+    if labels.numel() == 0:
+        return
+    low, high = (int(value) for value in torch.aminmax(labels))
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"labels hold the value {low if low < 0 else high}, outside [0, {num_classes}) for "
+                         f"{num_classes} channels; mask out ignored voxels")
 
 
 def probability_sum_tolerance(dtype: torch.dtype) -> float:
@@ -411,12 +423,7 @@ class CalibrationStats:
         check_voxel_arrays(probabilities, labels, mask)
 
     def _check_labels(self, labels: torch.Tensor) -> None:
-        if labels.numel() == 0:
-            return
-        low, high = (int(value) for value in torch.aminmax(labels))
-        if low < 0 or high >= self.num_classes:
-            raise ValueError(f"labels hold the value {low if low < 0 else high}, outside [0, {self.num_classes}) for "
-                             f"{self.num_classes} probability channels; mask out ignored voxels")
+        check_label_range(labels, self.num_classes)
 
     def _check_compatible(self, other: Any) -> None:
         if not isinstance(other, CalibrationStats):

@@ -20,6 +20,7 @@ import torch
 from .stats import (
     ArrayLike,
     check_probability_values,
+    check_label_range,
     check_voxel_arrays,
     chunk_voxel_index,
     probability_sum_tolerance,
@@ -132,9 +133,7 @@ class TemperatureFit:
         count = labels.numel()
         if count == 0:
             return
-        if int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
-            raise ValueError(f"labels must lie in [0, {self.num_classes}), got values from {int(labels.min())} to "
-                             f"{int(labels.max())}; mask out ignored voxels")
+        check_label_range(labels, self.num_classes)
         self.num_voxels += count
         keys = torch.rand(count, generator=self._generator, dtype=torch.float64)
         sampled = keys < self._key_threshold

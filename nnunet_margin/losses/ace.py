@@ -36,7 +36,8 @@ _FLOAT32_EPS = torch.finfo(torch.float32).eps
 
 def bin_edges(num_bins: int) -> tuple[float, ...]:
     """The released code's bin edges: float32 linspace(0, 1 + eps_float32, num_bins + 1)."""
-    return tuple(torch.linspace(0.0, 1.0 + _FLOAT32_EPS, num_bins + 1, dtype=torch.float32).tolist())
+    edges = torch.linspace(0.0, 1.0 + _FLOAT32_EPS, num_bins + 1, dtype=torch.float32)  # a CPU tensor
+    return tuple(float(edge) for edge in edges.numpy())
 
 
 class _Binning(NamedTuple):

@@ -197,6 +197,7 @@ class CALSLoss(SegmentationLoss):
         self.previous_constraint.copy_(torch.where(seen, constraint_mean, self.previous_constraint))
         self.validations.copy_(epoch)
 
+        # the one host synchronisation of the epoch's update, for its log line
         lambda_mean, lambda_max, rho_mean, rho_max = torch.stack(
             [self.lambdas.mean(), self.lambdas.max(), self.rhos.mean(), self.rhos.max()]).tolist()
         return (f"CALS lambda mean {lambda_mean:.4g} max {lambda_max:.4g}, rho mean {rho_mean:.4g} "
