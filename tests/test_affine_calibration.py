@@ -291,7 +291,7 @@ def test_calibration_arguments_are_checked():
     with pytest.raises(ValueError, match="method must be one of"):
         AffineCalibration(torch.eye(K), torch.zeros(K), "dirichlet")
     logits, labels = random_logits(100)
-    with pytest.raises(ValueError, match=r"labels hold the value 4, outside \[0, 4\)"):
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
         fit_affine_calibration(logits, labels + 1, "vector")
     with pytest.raises(ValueError, match="pair"):
         fit_affine_calibration(*random_logits(30_000), "matrix", odir=(-1.0, 0.0))
