@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .losses.base import nonfinite_logits_message, nonfinite_loss_message
 from .losses import (CALSLoss, ConfidencePenaltyLoss, FocalLoss, HardL1ACELoss, LabelSmoothingLoss, MarginCalibrationLoss,
                      MbLSLoss, NACLLoss, SoftL1ACELoss, SVLSLoss)
 from .nnunet import _seams
@@ -153,8 +154,6 @@ class LossTermsTrainer(nnUNetTrainerWithCalibration):
         return result
 
     def _raise_nonfinite_loss(self):
-        from .losses.base import nonfinite_logits_message, nonfinite_loss_message
-
         where = f"{type(self).__name__}, epoch {self.current_epoch}"
         outputs_finite = bool(self.loss.outputs_finite)  # error path only
         raise FloatingPointError(nonfinite_loss_message(where) if outputs_finite else nonfinite_logits_message(where))

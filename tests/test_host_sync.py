@@ -161,3 +161,9 @@ def test_train_step_adds_no_synchronisation_to_nnunets(trainer_inputs):
         trainer.__class__ = getattr(trainers, name)
         trainer.loss, trainer._part_sums = trainer._build_loss(), None
         assert train_step_calls(trainer) == reference, name
+
+    # a diverging network still stops training with a clear message, from nnU-Net's own host copy of the loss
+    # (last: the step leaves NaN weights behind)
+    nan_batch = {**batch_for(trainer), "data": torch.full_like(batch_for(trainer)["data"], float("nan"))}
+    with pytest.raises(FloatingPointError, match="the network produced NaN/inf logits"):
+        trainer.train_step(nan_batch)
