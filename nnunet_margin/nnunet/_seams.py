@@ -13,8 +13,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import io
 import json
-import sys
 import warnings
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -337,11 +337,12 @@ def _check_evaluation() -> None:
 
 
 def find_trainer_class(name: str) -> type:
-    """nnU-Net's trainer lookup (nnunetv2's own trainers and the folders in nnUNet_extTrainer); its search
-    messages go to stderr, so that a command's own output (e.g. `benchmark --dry-run`) stays clean."""
+    """nnU-Net's trainer lookup (nnunetv2's own trainers and the folders in nnUNet_extTrainer), without its search
+    messages, so that a command's own output (e.g. `benchmark --dry-run`) stays clean; a failed lookup raises
+    RuntimeError naming the trainer and nnUNet_extTrainer."""
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(io.StringIO()):
         return recursive_find_trainer_class_by_name(name)
 
 
