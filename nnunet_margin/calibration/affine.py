@@ -21,6 +21,7 @@ V' = A V, c' = A c + b (`fold_affine_calibration`).
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import warnings
@@ -115,7 +116,7 @@ class AffineCalibration:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (Python floats, so the round trip through JSON is exact)."""
         return {"method": self.method, "num_classes": self.num_classes, "weight": self.weight.tolist(),
-                "bias": self.bias.tolist(), "info": self.info}
+                "bias": self.bias.tolist(), "info": copy.deepcopy(self.info)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AffineCalibration:
