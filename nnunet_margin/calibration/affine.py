@@ -13,7 +13,8 @@ calibrated logit does not change the softmax) get no step, and the bias is repor
 ODIR, in the normalised form of Kull et al.'s code (reg_norm=True) and of Fiducio 0.2.0's MatrixScaling: the objective
 is mean NLL + lambda_od * mean over the K (K - 1) off-diagonal entries of W^2 + lambda_b * mean over the K entries of
 b^2; the diagonal of W is not penalised. (lambda_od, lambda_b) is chosen from a small grid by k-fold cross-validation
-inside the fit voxels (the unpenalised NLL of each held-out fold), then the calibrator is refitted on all of them.
+inside the fit voxels (the unpenalised NLL of each held-out fold; on a uniform subsample of at most 2**19 voxels, or
+twice what matrix scaling needs, beyond that), then the calibrator is refitted on all of them.
 
 nnU-Net's last layer is a 1x1(x1) convolution z = V f + c, so every calibrator folds into it exactly:
 V' = A V, c' = A c + b (`fold_affine_calibration`).
@@ -45,6 +46,8 @@ DEFAULT_FOLDS = 3
 MATRIX_MAX_CLASSES = 32
 MATRIX_MIN_VOXELS_PER_PARAMETER = 1000
 _HESSIAN_MAX_VOXELS = 2**14
+# Voxels the ODIR cross-validation fits on at most (a uniform subsample of the fit voxels beyond that).
+CROSS_VALIDATION_MAX_VOXELS = 2**19
 # Entries (voxels x classes, or voxels x K (K + 1) for the matrix-scaling Hessian) processed at once; on 2 cores,
 # 2**16 (512 KiB temporaries) was faster than 2**20 when fitting.
 _CHUNK_ENTRIES = 2**16
@@ -326,6 +329,17 @@ def _minimise(method: str, logits: torch.Tensor, labels: torch.Tensor, start: to
     return _Minimum(parameters, objective, _MAX_ITERATIONS, False)
 
 
+def _cross_validation_subsample(num_classes: int, num_voxels: int, seed: int) -> torch.Tensor | slice:
+    """The voxels the ODIR cross-validation uses: all of them, or a uniform random subset of
+    max(CROSS_VALIDATION_MAX_VOXELS, twice the voxels matrix scaling needs) when there are more; choosing the penalty
+    needs held-out NLL differences between grid points, not the final fit's precision."""
+    needed = max(CROSS_VALIDATION_MAX_VOXELS,
+                 2 * MATRIX_MIN_VOXELS_PER_PARAMETER * num_classes * (num_classes + 1))
+    if num_voxels <= needed:
+        return slice(None)
+    return torch.randperm(num_voxels, generator=torch.Generator().manual_seed(seed))[:needed].sort().values
+
+
 def check_matrix_scaling(num_classes: int, num_fit_voxels: int) -> None:
     """Raise ValueError where matrix scaling would overfit: above MATRIX_MAX_CLASSES classes, or with fewer than
     MATRIX_MIN_VOXELS_PER_PARAMETER fit voxels per parameter (K (K + 1) parameters); vector scaling fits 2 K."""
@@ -430,7 +444,9 @@ def fit_affine_calibration(logits: ArrayLike, labels: ArrayLike, method: str = "
                     int(fold_ids.min()) < 0 or int(fold_ids.max()) >= folds:
                 raise ValueError(f"fold_ids must hold one integer fold in [0, {folds}) per voxel ({num_voxels}), got "
                                  f"dtype {fold_ids.dtype} and {fold_ids.numel()} values")
-            held_out_nll, start = _cross_validate_odir(logits, labels, grid, fold_ids, folds)
+            cv_voxels = _cross_validation_subsample(num_classes, num_voxels, seed)
+            held_out_nll, start = _cross_validate_odir(logits[:, cv_voxels], labels[cv_voxels], grid,
+                                                       fold_ids[cv_voxels], folds)
             odir = min(held_out_nll, key=held_out_nll.__getitem__)
             info["cross_validation"] = [{"lambda_od": pair[0], "lambda_b": pair[1], "held_out_nll": value}
                                         for pair, value in held_out_nll.items()]
