@@ -16,7 +16,8 @@ from nnunet_margin.trainers import (nnUNetTrainerCALS, nnUNetTrainerECP, nnUNetT
 
 class ShortSchedule:
     """Mixin: `num_epochs` epochs of a few iterations each (set NNUNET_MARGIN_DEMO_EPOCHS and _ITERATIONS to change
-    them), and no test-time mirroring (8x faster validation and prediction on the CPU)."""
+    them), and no test-time mirroring (8x faster validation and prediction on the CPU) unless
+    NNUNET_MARGIN_DEMO_MIRRORING=1 keeps nnU-Net's default."""
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -25,7 +26,10 @@ class ShortSchedule:
         self.num_val_iterations_per_epoch = 1
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        rotation, dummy_2d, initial_patch_size, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        rotation, dummy_2d, initial_patch_size, mirror_axes = \
+            super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        if os.environ.get("NNUNET_MARGIN_DEMO_MIRRORING") == "1":
+            return rotation, dummy_2d, initial_patch_size, mirror_axes
         self.inference_allowed_mirroring_axes = None  # as nnU-Net's nnUNetTrainerNoMirroring
         return rotation, dummy_2d, initial_patch_size, None
 
