@@ -23,6 +23,7 @@ demo-benchmark: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/python bench/bench_losses.py
 	$(VENV)/bin/python bench/bench_calibration.py
+	$(VENV)/bin/python bench/bench_posthoc.py --fiducio lbfgs
 	$(VENV)/bin/python bench/bench_validation.py
 
 # Not in CI: the wheel in fresh venvs of Python 3.10-3.13 and nnunetv2 2.8.x (other Pythons download torch, several

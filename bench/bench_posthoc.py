@@ -18,7 +18,9 @@ Timings are single runs of the fit alone (the sample and the split are built onc
 jobs, multi-threaded torch ops stall on each other's threads, so the default is `--threads 1` for both sides.
 
 Run: .venv/bin/python bench/bench_posthoc.py [--threads N] [--voxels N] [--classes K] [--fiducio adam,lbfgs]
-(about 30 minutes on 2 shared cores, nearly all of it in Fiducio's fits)
+(`make bench` passes --fiducio lbfgs: about 1 minute; with Adam too about 30 minutes, nearly all in Fiducio's fits).
+Measured here (1 thread): ours 0.92 s / 1.78 s / 3.50 s (matrix incl. cross-validation) for temperature / vector /
+matrix scaling, 6.6x / 9.3x / 5.8x faster than Fiducio's L-BFGS, at equal or lower held-out NLL.
 """
 
 from __future__ import annotations
