@@ -189,14 +189,12 @@ def test_fit_temperature_runs_nnunet_validation_when_probabilities_are_missing(e
                                                                                capsys):
     model = copy_model(trained, tmp_path, ignore=("*.npz", "temperature.json", PROVENANCE_FILE))
     commands = []
+    run_command = subprocess.run
 
     def nnunet_validation(command, **kwargs):
-        """Stands in for nnUNetv2_train --val --npz: writes the probabilities the real one wrote in training, then
-        summary.json (nnU-Net writes it when every case is exported)."""
+        """Records the command and runs it: the real nnUNetv2_train --val --npz, in this module's environment."""
         commands.append(command)
-        for name in [npz.name for npz in (trained / "fold_0" / "validation").glob("*.npz")] + ["summary.json"]:
-            shutil.copy(trained / "fold_0" / "validation" / name, model / "fold_0" / "validation")
-        return subprocess.CompletedProcess(command, 0)
+        return run_command(command, **kwargs)
 
     monkeypatch.setattr(temperature.subprocess, "run", nnunet_validation)
     with pytest.raises(RuntimeError, match="nnUNet_results"):
@@ -204,6 +202,7 @@ def test_fit_temperature_runs_nnunet_validation_when_probabilities_are_missing(e
     assert not commands
 
     monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    monkeypatch.setenv("nnUNet_def_n_proc", env.env["nnUNet_def_n_proc"])
     record = fit_model_temperatures(model, scope="crop", num_processes=2)["fold_0"]
     (command,) = commands
     assert Path(command[0]).name == "nnUNetv2_train"
@@ -211,6 +210,9 @@ def test_fit_temperature_runs_nnunet_validation_when_probabilities_are_missing(e
                            "-device", "cpu"]
     assert "no validation probabilities (.npz); running nnU-Net's validation" in capsys.readouterr().out
     assert_record_matches_independent_fit(record, model / "fold_0", env.preprocessed / "gt_segmentations", "crop")
+    for npz in (trained / "fold_0" / "validation").glob("*.npz"):  # the same checkpoint predicts the same
+        rerun = np.load(model / "fold_0" / "validation" / npz.name)["probabilities"]
+        np.testing.assert_allclose(rerun, np.load(npz)["probabilities"], atol=1e-6)
     # the validation it ran is recorded as that of the current checkpoint
     provenance = json.loads((model / "fold_0" / "validation" / PROVENANCE_FILE).read_text())
     assert provenance["sha256"] == file_sha256(model / "fold_0" / "checkpoint_final.pth")
