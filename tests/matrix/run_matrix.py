@@ -3,7 +3,8 @@
 Builds the wheel of this checkout once (from a copy, so the checkout stays clean), then for each cell of the matrix
 installs it with its dependencies into a venv of its own under `.matrix/venvs/` (kept, so a rerun downloads nothing
 again; the wheel itself is reinstalled every run) and runs the README's workflow there on a small synthetic dataset:
-`nnunet-margin trainers-path` and nnU-Net's trainer lookup, `nnUNetv2_plan_and_preprocess`, a one-epoch
+`nnunet-margin trainers-path` and nnU-Net's trainer lookup, every nnU-Net seam check (`_seams.check_all`, as
+`nnunet-margin doctor` runs them), `nnUNetv2_plan_and_preprocess`, a one-epoch
 `nnUNetv2_train` of a short-schedule plugin trainer on the CPU (with the final validation and its calibration report)
 and `nnUNetv2_predict`. Prints one line per cell, writes the table to docs/version-matrix.md and exits 1 if a cell
 failed. Full logs of every step: `.matrix/runs/<cell>/logs/`.
@@ -185,6 +186,15 @@ class CellRun:
             "    assert trainer.__name__ == name, (name, trainer)\n"
             "    print('found', name, 'in module', trainer.__module__)\n"))
 
+    def seams(self) -> None:
+        """Every nnU-Net seam's check (as `nnunet-margin doctor` and tests/test_seams.py run them) holds."""
+        self.python_code("seams", (
+            "from nnunet_margin.nnunet._seams import check_all\n"
+            "problems = check_all()\n"
+            "for name, problem in problems.items():\n"
+            "    print('seam', name, 'ok' if problem is None else 'BROKEN: ' + problem)\n"
+            "assert not any(problems.values()), 'broken nnU-Net seams'\n"))
+
     def dataset(self) -> Path:
         """6 training and 2 test cases of 24^3 (keywords the writer does not take are left to its defaults)."""
         raw = self.work / "nnUNet_raw"
@@ -215,6 +225,7 @@ class CellRun:
         try:
             result.versions = timed("install", self.install, wheel)
             timed("trainer-lookup", self.trainer_lookup)
+            timed("seams", self.seams)
             raw = timed("dataset", self.dataset)
             timed("plan", self.command, "plan", str(self.bin / "nnUNetv2_plan_and_preprocess"),
                   "-d", DATASET_ID, "-c", "3d_fullres", "-np", "2", "-npfp", "2")
@@ -285,7 +296,8 @@ def markdown(results: list[Result], trainer: str, date: str) -> str:
         "",
         "Written by `make test-matrix` (`tests/matrix/run_matrix.py`; not in CI, since the other Pythons download",
         "torch). Each cell installs the wheel of the checkout with its dependencies into a venv of its own and runs",
-        "`nnunet-margin trainers-path` with nnU-Net's trainer lookup of the plugin trainers, then, on a synthetic",
+        "`nnunet-margin trainers-path` with nnU-Net's trainer lookup of the plugin trainers and every nnU-Net seam",
+        "check (`nnunet_margin.nnunet._seams.check_all`, as `nnunet-margin doctor` runs them), then, on a synthetic",
         "dataset (6 training and 2 test cases of 24^3), `nnUNetv2_plan_and_preprocess`, a one-epoch `nnUNetv2_train`",
         f"of `{trainer}` on the CPU (2 iterations; its final validation must write `validation/calibration.json`)",
         "and `nnUNetv2_predict` of the test images. The venvs stay in `.matrix/venvs/`, so `install s` is large only on",
