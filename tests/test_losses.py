@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from nnunet_margin.losses import _inputs as inputs_module
 from nnunet_margin.losses import EmptyClassError, MarginCalibrationLoss, MbLSLoss, margin_offsets
 
+from loss_checks import assert_gradient_matches_finite_differences, random_inputs
+
 REFERENCE_COUNTS = [9000, 600, 300, 100]
 REFERENCE_RHO_K0 = [0.0030878827, 0.00025280202, 0.0001759167, 0.00010051388]
 REFERENCE_RHO_0K = [0.035136418, 1.6158933, 3.2829526, 9.9498744]
@@ -20,12 +22,6 @@ def reference_inputs():
     y = (torch.arange(54) % 4).reshape(2, 1, 3, 3, 3)
     return z, y
 
-
-def random_inputs(shape=(2, 5, 3, 4, 5), dtype=torch.float64, seed=0, scale=3.0):
-    generator = torch.Generator().manual_seed(seed)
-    z = torch.randn(shape, generator=generator, dtype=dtype) * scale
-    y = torch.randint(0, shape[1], (shape[0], 1, *shape[2:]), generator=generator)
-    return z, y
 
 
 def voxel_rows(z, y, ignore_index):
@@ -157,14 +153,7 @@ def test_margin_calibration_value_and_gradient_match_naive_implementation(form, 
 ], ids=["mc", "mc-paper-ignore", "mbls", "mbls-ignore"])
 def test_gradient_matches_finite_differences(loss_fn):
     z, y = random_inputs((2, 4, 3, 4, 5), seed=1)
-    leaf = z.clone().requires_grad_()
-    (gradient,) = torch.autograd.grad(loss_fn(leaf, y), leaf)
-    generator = torch.Generator().manual_seed(2)
-    for _ in range(4):
-        direction = torch.randn(z.shape, generator=generator, dtype=z.dtype)
-        eps = 1e-6
-        numeric = (loss_fn(z + eps * direction, y) - loss_fn(z - eps * direction, y)) / (2 * eps)
-        assert float((gradient * direction).sum()) == pytest.approx(float(numeric), rel=1e-6, abs=1e-9)
+    assert_gradient_matches_finite_differences(loss_fn, z, y, seed=2, directions=4, rel=1e-6)
 
 
 @pytest.mark.parametrize("make_loss", [lambda: MarginCalibrationLoss(*reference_offsets()), lambda: MbLSLoss(2.0, 0.3)],

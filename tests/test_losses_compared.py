@@ -12,18 +12,12 @@ from nnunet_margin.losses import (CALSLoss, ConfidencePenaltyLoss, FocalLoss, Ha
                                   NACLLoss, SoftL1ACELoss, SVLSLoss)
 from nnunet_margin.losses import _inputs as inputs_module
 
+from loss_checks import assert_gradient_matches_finite_differences, random_inputs
+
 FLOAT32_EPS = torch.finfo(torch.float32).eps
 SHAPES = [(2, 4, 5, 6, 7), (3, 5, 9, 8)]  # 3D and 2D
 SHAPE_IDS = ["3d", "2d"]
 
-
-def random_inputs(shape, dtype=torch.float64, seed=0, scale=3.0, absent_class=None):
-    generator = torch.Generator().manual_seed(seed)
-    z = torch.randn(shape, generator=generator, dtype=dtype) * scale
-    y = torch.randint(0, shape[1], (shape[0], 1, *shape[2:]), generator=generator)
-    if absent_class is not None:  # this class has no voxel in the first image
-        y[0][y[0] == absent_class] = (absent_class + 1) % shape[1]
-    return z, y
 
 
 def with_ignored_block(y, ignore_index):
@@ -558,14 +552,7 @@ def test_gradient_matches_finite_differences(name, ignore_index):
     if ignore_index is not None:
         y = with_ignored_block(y, ignore_index)
     loss_fn = ALL_LOSSES[name](ignore_index)
-    leaf = z.clone().requires_grad_()
-    (gradient,) = torch.autograd.grad(loss_fn(leaf, y), leaf)
-    generator = torch.Generator().manual_seed(16)
-    for _ in range(3):
-        direction = torch.randn(z.shape, generator=generator, dtype=z.dtype)
-        eps = 1e-6
-        numeric = (loss_fn(z + eps * direction, y) - loss_fn(z - eps * direction, y)) / (2 * eps)
-        assert float((gradient * direction).sum()) == pytest.approx(float(numeric), rel=1e-5, abs=1e-9)
+    assert_gradient_matches_finite_differences(loss_fn, z, y, seed=16, directions=3, rel=1e-5)
 
 
 @pytest.mark.parametrize("name", ALL_LOSSES)
