@@ -134,7 +134,7 @@ def _fit_temperature_command(args: argparse.Namespace) -> int:
 
 def _export_portable_command(args: argparse.Namespace) -> int:
     from .nnunet.portable import export_portable
-    from .nnunet.temperature import TrainedModel
+    from .nnunet.layout import TrainedModel
 
     exported = TrainedModel.load(export_portable(args.model_folder, args.out, args.temperature, args.folds,
                                                  args.name, args.overwrite, args.allow_bound, args.calibration))

@@ -26,7 +26,8 @@ from .nnunet.distributed import mean_over_ranks, on_rank_zero
 from .nnunet.label_stats import trainer_label_counts
 from .nnunet.loss_assembly import assemble_loss, soft_dice
 from .nnunet.margin_record import compute_fold_record, record_from_checkpoint_extras, write_record
-from .nnunet.provenance import FINAL_CHECKPOINT, record_validation
+from .nnunet.layout import FINAL_CHECKPOINT
+from .nnunet.provenance import record_validation
 from .nnunet.validation import measuring_calibration, write_validation_report
 
 CHECKPOINT_KEY = "nnunet_margin"

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -57,23 +58,66 @@ def trainers_path() -> str:
     return out.stdout.strip()
 
 
-@pytest.fixture(scope="session")
-def nnunet_env(tmp_path_factory) -> NnUNetEnv:
-    """Synthetic dataset written, planned and preprocessed once per test session (about 20 s)."""
-    from nnunet_margin.nnunet.synthetic_dataset import write_synthetic_dataset
-
-    root = tmp_path_factory.mktemp("nnunet")
-    write_synthetic_dataset(root / "raw", dataset_id=DATASET_ID)
+def _dataset_env(root: Path) -> NnUNetEnv:
+    """The folders and environment of the synthetic dataset under root (as the README sets them up, plus the folder
+    with the short-schedule test subclasses)."""
     env = {
         **os.environ,
         "nnUNet_raw": str(root / "raw"),
         "nnUNet_preprocessed": str(root / "preprocessed"),
         "nnUNet_results": str(root / "results"),
         "nnUNet_def_n_proc": "1",
-        # As the README says, plus the folder with the short-schedule test subclasses.
         "nnUNet_extTrainer": os.pathsep.join([trainers_path(), str(DEMO_TRAINERS)]),
         "PYTHONUNBUFFERED": "1",
     }
-    nnunet = NnUNetEnv(root=root, env=env)
+    return NnUNetEnv(root=root, env=env)
+
+
+def _plan_dataset(nnunet: NnUNetEnv) -> NnUNetEnv:
+    """Write the synthetic dataset into nnunet.root/raw, plan and preprocess it (about 10 s)."""
+    from nnunet_margin.nnunet.synthetic_dataset import write_synthetic_dataset
+
+    write_synthetic_dataset(nnunet.root / "raw", dataset_id=DATASET_ID)
     nnunet.run("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "2", "-npfp", "2")
     return nnunet
+
+
+@pytest.fixture(scope="session")
+def nnunet_env(tmp_path_factory) -> NnUNetEnv:
+    """Synthetic dataset written, planned and preprocessed once per test worker; tests may write into it."""
+    return _plan_dataset(_dataset_env(tmp_path_factory.mktemp("nnunet")))
+
+
+@dataclass
+class SharedModels:
+    """Short trainings shared by every test worker of the session (each trained once, under a lock across workers).
+
+    The dataset and the model folders are read-only for the tests: copy a model (`shutil.copytree`, which keeps
+    modification times) before changing anything in it.
+    """
+
+    nnunet: NnUNetEnv
+    lock: FileLock
+
+    def model(self, trainer: str, folds: tuple[str, ...] = ("0", "1")) -> Path:
+        """The model folder of `trainer` (in nnUNet_results of `self.nnunet`) with every fold in `folds` trained."""
+        with self.lock:
+            for fold in folds:
+                if not (self.nnunet.results(trainer) / f"fold_{fold}" / "checkpoint_final.pth").is_file():
+                    self.nnunet.train(trainer, fold)
+        return self.nnunet.results(trainer)
+
+
+@pytest.fixture(scope="session")
+def shared_models(tmp_path_factory, worker_id) -> SharedModels:
+    """One planned dataset and its short trainings for all test workers of the session (see `SharedModels`)."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if worker_id != "master" else base) / "shared_models"
+    root.mkdir(exist_ok=True)
+    nnunet = _dataset_env(root)
+    lock = FileLock(str(root / ".lock"))
+    with lock:
+        if not (root / ".planned").is_file():
+            _plan_dataset(nnunet)
+            (root / ".planned").touch()
+    return SharedModels(nnunet, lock)

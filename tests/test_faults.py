@@ -29,7 +29,8 @@ from nnunet_margin.nnunet import temperature
 from nnunet_margin.nnunet.compare import load_method
 from nnunet_margin.nnunet.portable import EXPORT_INFO_FILE, PlainNetwork, export_portable
 from nnunet_margin.nnunet.provenance import PROVENANCE_FILE, file_sha256
-from nnunet_margin.nnunet.temperature import TEMPERATURE_FILE, TrainedModel, fit_model_temperatures
+from nnunet_margin.nnunet.layout import TrainedModel
+from nnunet_margin.nnunet.temperature import TEMPERATURE_FILE, fit_model_temperatures
 
 from conftest import DATASET_NAME
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .._atomic import atomic_path
+from .layout import split_model_folder_name
 from ..calibration import CalibrationStats
 from ..calibration.comparison import (METRIC_DIRECTIONS, CaseScores, Comparison, compare_methods, csv_table,
                                       latex_table, markdown_report, markdown_table, plot_comparison)
@@ -66,8 +67,8 @@ def find_reports(folder: Path) -> list[Path]:
 def method_name(folder: Path) -> str:
     """The trainer of a model folder (TRAINER__PLANS__CONF), also from its fold and validation folders."""
     for candidate in (folder, folder.parent, folder.parent.parent):
-        parts = candidate.name.split("__")
-        if len(parts) == 3 and all(parts):
+        parts = split_model_folder_name(candidate.name)
+        if parts is not None:
             return parts[0]
     return folder.name
 

@@ -49,10 +49,10 @@ import torch
 from ..calibration.affine import AffineCalibration, fold_affine_calibration
 from . import _seams
 from .posthoc import read_calibration_map
-from .temperature import BOUND_MEANINGS, FINAL_CHECKPOINT, TEMPERATURE_FILE, PathLike, TrainedModel, bound_side
+from .layout import BEST_CHECKPOINT, FINAL_CHECKPOINT, PathLike, TrainedModel
+from .temperature import BOUND_MEANINGS, TEMPERATURE_FILE, bound_side
 
 BASE_TRAINER = "nnUNetTrainer"
-BEST_CHECKPOINT = "checkpoint_best.pth"
 EXPORT_INFO_FILE = "export_info.json"
 STAGING_MARKER = ".nnunet_margin_export"  # first file of a staging folder; removed before it becomes the target
 # A folder name nnU-Net can split back into TRAINER__PLANS__CONFIGURATION: no "__", no leading/trailing separator.

@@ -28,8 +28,8 @@ from ..calibration.affine import AffineCalibration, fit_affine_calibration, logi
 from ..calibration.logit_sample import LabelledLogits, LogitSample
 from . import _seams
 from .calibration_report import json_value
-from .provenance import FINAL_CHECKPOINT, PROVENANCE_FILE, check_sample_current
-from .temperature import TrainedModel
+from .layout import FINAL_CHECKPOINT, TrainedModel
+from .provenance import PROVENANCE_FILE, check_sample_current
 from .validation import LOGIT_SAMPLE_FILE
 
 CALIBRATION_MAP_FILE = "calibration_map.json"

@@ -23,9 +23,9 @@ import json
 from pathlib import Path
 
 from .._atomic import write_json_atomic
+from .layout import FINAL_CHECKPOINT
 
 PROVENANCE_FILE = "provenance.json"
-FINAL_CHECKPOINT = "checkpoint_final.pth"
 SUMMARY_FILE = "summary.json"  # nnU-Net's Dice summary, written after every case of a validation is exported
 
 

@@ -33,10 +33,10 @@ import torch
 from .._atomic import write_json_atomic
 from ..calibration import CalibrationStats, TemperatureFit, apply_temperature
 from .calibration_report import SCOPES, DatasetInfo, load_case_files, load_dataset_info, scope_masks
+from .layout import FINAL_CHECKPOINT, PathLike, TrainedModel
 from .provenance import check_validation_current, record_validation
 
 TEMPERATURE_FILE = "temperature.json"
-FINAL_CHECKPOINT = "checkpoint_final.pth"
 _REPORTED_METRICS = {"ece": "ECE", "classwise_ece": "classwise ECE", "nll": "NLL", "brier": "Brier"}
 TEMPERATURE_BOUNDS = (1e-2, 1e2)  # the search interval of the fit
 # What a temperature at each bound means (the NLL still falls beyond it).
@@ -46,52 +46,6 @@ BOUND_MEANINGS = {
     "lower": "the NLL kept falling as T shrank, so the probabilities are degenerate for a fit: (nearly) every "
              "voxel's most likely class is right, and sharpening them towards 0 and 1 keeps helping",
 }
-
-PathLike = str | os.PathLike
-
-
-@dataclass(frozen=True)
-class TrainedModel:
-    """An nnU-Net model folder DATASET/TRAINER__PLANS__CONFIGURATION (with plans.json and dataset.json)."""
-
-    folder: Path
-    dataset_name: str
-    trainer: str
-    plans: str
-    configuration: str
-
-    @classmethod
-    def load(cls, folder: PathLike) -> TrainedModel:
-        folder = Path(folder).resolve()
-        for name in ("plans.json", "dataset.json"):
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"{folder / name} is missing: pass a trained nnU-Net model folder "
-                                        f"(nnUNet_results/DatasetXXX_Name/TRAINER__PLANS__CONFIGURATION)")
-        parts = folder.name.split("__")
-        if len(parts) != 3 or not all(parts):
-            raise ValueError(f"model folder name {folder.name!r} is not TRAINER__PLANS__CONFIGURATION as nnU-Net "
-                             f"writes it; pass the folder nnUNetv2_train trained into")
-        try:
-            dataset_name = json.loads((folder / "plans.json").read_text())["dataset_name"]
-        except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"{folder / 'plans.json'} is not a valid nnU-Net plans file ({type(error).__name__}: "
-                             f"{error}): it is corrupt or truncated; restore it from "
-                             f"nnUNet_preprocessed/{folder.parent.name}/{parts[1]}.json") from None
-        return cls(folder, dataset_name, *parts)
-
-    def fold_folders(self, folds: Iterable[str | int] | None = None) -> list[Path]:
-        """fold_X folders holding checkpoint_final.pth: those of `folds`, or every trained one."""
-        if folds is None:
-            found = sorted(path.parent for path in self.folder.glob(f"fold_*/{FINAL_CHECKPOINT}"))
-            if not found:
-                raise FileNotFoundError(f"no fold_X/{FINAL_CHECKPOINT} in {self.folder}: train the model first")
-            return found
-        folders = [self.folder / f"fold_{fold}" for fold in folds]
-        for folder in folders:
-            if not (folder / FINAL_CHECKPOINT).is_file():
-                raise FileNotFoundError(f"{folder / FINAL_CHECKPOINT} is missing: fold "
-                                        f"{folder.name.removeprefix('fold_')} is not trained (or has not finished)")
-        return folders
 
 
 @dataclass(frozen=True)
