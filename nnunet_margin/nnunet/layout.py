@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,3 +85,40 @@ class TrainedModel:
                 raise FileNotFoundError(f"{folder / FINAL_CHECKPOINT} is missing: fold {fold_of(folder)} is not "
                                         f"trained (or has not finished)")
         return folders
+
+
+# --- nnU-Net's raw and preprocessed dataset files -------------------------------------------------------------------
+
+def plans_file(preprocessed_dataset_folder: Path, plans: str) -> Path:
+    """The plans nnUNetv2_plan_and_preprocess wrote: nnUNet_preprocessed/DATASET/PLANS.json."""
+    return preprocessed_dataset_folder / f"{plans}.json"
+
+
+def planned_plans(preprocessed_dataset_folder: Path) -> list[str]:
+    """The plans identifiers of a preprocessed dataset (every PLANS.json beside dataset.json)."""
+    reserved = {"dataset.json", "dataset_fingerprint.json", "splits_final.json"}
+    return sorted(path.stem for path in preprocessed_dataset_folder.glob("*.json")
+                  if path.name not in reserved and not path.name.startswith("nnunet_margin"))
+
+
+def channel_count(dataset_json: dict) -> int:
+    """Input channels of a dataset (dataset.json's channel_names, or modality in older files)."""
+    return len(dataset_json.get("channel_names") or dataset_json.get("modality") or {})
+
+
+def raw_images(folder: Path, file_ending: str) -> dict[str, list[str]]:
+    """The cases of an imagesTr/imagesTs folder as nnU-Net names them, CASE_XXXX<file_ending> with XXXX the
+    channel: {case: [its file names, by channel]}."""
+    pattern = re.compile(r"(.+)_(\d{4})" + re.escape(file_ending))
+    cases: dict[str, list[str]] = {}
+    for path in sorted(folder.iterdir()):
+        match = pattern.fullmatch(path.name)
+        if match:
+            cases.setdefault(match.group(1), []).append(path.name)
+    return cases
+
+
+def raw_labels(folder: Path, file_ending: str) -> dict[str, str]:
+    """The cases of a labelsTr/labelsTs folder, CASE<file_ending>: {case: file name}."""
+    return {path.name[: -len(file_ending)]: path.name for path in sorted(folder.iterdir())
+            if path.name.endswith(file_ending) and len(path.name) > len(file_ending)}
