@@ -29,6 +29,8 @@ import torch
 
 from conftest import BIN, DATASET_NAME
 from nnunet_margin import cli
+from nnunet_margin.nnunet.benchmark.runners import BENCHMARK_MARKER
+from process_checks import alive, descendants, processes_with
 
 pytestmark = pytest.mark.e2e
 
@@ -99,7 +101,7 @@ def test_dry_run_lists_every_step_after_the_steps_it_waits_for(setup, tmp_path):
     numbers = {step: f"[{index}]" for index, (step, _, _) in enumerate(steps, 1)}
     per_repeat = {"train": 2, "cross-validation": 2, "fit-temperature": 2, "export": 2, "predict": 4,
                   "test-evaluation": 4}
-    kinds = [step.rsplit("/", 1)[1] for step, _, _ in steps]
+    kinds = [step.rsplit("/", 1)[-1] for step, _, _ in steps]
     assert {kind: kinds.count(kind) for kind in per_repeat} == {kind: 2 * n for kind, n in per_repeat.items()}
     assert kinds[-1] == "report" and len(steps) == 2 * sum(per_repeat.values()) + 1
     position = {step: index for index, (step, _, _) in enumerate(steps)}
@@ -125,43 +127,9 @@ def test_dry_run_lists_every_step_after_the_steps_it_waits_for(setup, tmp_path):
 
 # --- items 1 and 8: one runner; killed and resumed --------------------------------------------------------------------
 
-def _process_tree(root: int) -> dict[int, int]:
-    """{pid: depth below root} of root's descendants."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                children.setdefault(int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]), []).append(
-                    int(entry.name))
-            except (OSError, ValueError, IndexError):
-                pass
-    tree, frontier = {}, [(root, 0)]
-    while frontier:
-        pid, depth = frontier.pop()
-        for child in children.get(pid, []):
-            tree[child] = depth + 1
-            frontier.append((child, depth + 1))
-    return tree
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _marked_processes(folder: Path) -> list[int]:
     """Processes whose environment names the benchmark folder (every process of its steps has it)."""
-    marker = f"NNUNET_MARGIN_BENCHMARK={folder}\0".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and marker in (entry / "environ").read_bytes() and _alive(int(entry.name)):
-                found.append(int(entry.name))
-        except OSError:
-            pass
-    return found
+    return processes_with(f"{BENCHMARK_MARKER}={folder}\0".encode())
 
 
 @pytest.fixture(scope="module")
@@ -184,17 +152,17 @@ def first_benchmark(setup) -> dict:
             break
         assert time.time() < deadline and first.poll() is None, "".join(output)
     second = setup.run(*arguments)  # quick: the dry run above imported nnU-Net into this process
-    while max(_process_tree(first.pid).values(), default=0) < 3:  # runner > step > nnUNetv2_train > its workers
+    while max(descendants(first.pid).values(), default=0) < 3:  # runner > step > nnUNetv2_train > its workers
         assert time.time() < deadline and first.poll() is None, "nnU-Net's training started no worker processes"
         time.sleep(0.1)
-    tree = _process_tree(first.pid)
+    tree = descendants(first.pid)
     os.kill(first.pid, signal.SIGKILL)
     first.wait(timeout=60)
     first.stdout.close()
     deadline = time.time() + 60
-    while (_marked_processes(folder) or any(map(_alive, tree))) and time.time() < deadline:
+    while (_marked_processes(folder) or any(map(alive, tree))) and time.time() < deadline:
         time.sleep(0.2)
-    survivors = _marked_processes(folder) + [pid for pid in tree if _alive(pid)]
+    survivors = _marked_processes(folder) + [pid for pid in tree if alive(pid)]
     report_after_kill = (folder / "report" / "report.md").exists()
 
     resumed = subprocess.run([str(BIN / "nnunet-margin"), *arguments], env={**env, "nnUNet_n_proc_DA": "0"},

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from process_checks import alive, descendants
 
 from nnunet_margin.calibration.comparison import CaseScores, compare_methods
 from nnunet_margin.nnunet.benchmark.command import _status_table
@@ -169,26 +170,6 @@ def test_a_failed_step_names_its_log_and_blocks_only_the_steps_that_need_it(tmp_
     assert holder.startswith(f"pid {os.getpid()} on")
 
 
-def _descendants(pid: int) -> list[int]:
-    listed = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout.split()
-    children: dict[int, list[int]] = {}
-    for child, parent in zip(listed[::2], listed[1::2]):
-        children.setdefault(int(parent), []).append(int(child))
-    found, frontier = [], [pid]
-    while frontier:
-        for child in children.get(frontier.pop(), []):
-            found.append(child)
-            frontier.append(child)
-    return found
-
-
-def _running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_the_executors_end_ends_every_process_of_its_steps(tmp_path, signum):
     """Issue 16.1: SIGINT, SIGTERM and SIGKILL of the runner stop the step's command and its child; the half-written
@@ -201,13 +182,13 @@ def test_the_executors_end_ends_every_process_of_its_steps(tmp_path, signum):
     while not pids.exists() or len(pids.read_text().split()) < 2:
         assert time.time() < deadline and runner.poll() is None, runner.stdout.read() if runner.poll() else ""
         time.sleep(0.05)
-    processes = _descendants(runner.pid)
+    processes = list(descendants(runner.pid))
     assert len(processes) == 3  # the step's process, the command, its child
     os.kill(runner.pid, signum)
     runner.communicate(timeout=60)
     assert runner.returncode != 0
-    while any(map(_running, processes)):
-        assert time.time() < deadline, [pid for pid in processes if _running(pid)]
+    while any(map(alive, processes)):
+        assert time.time() < deadline, [pid for pid in processes if alive(pid)]
         time.sleep(0.05)
     state = evaluate(plan)["hang"]
     assert not state.done and state.reason.endswith("is not written yet")  # the half-written output was not kept
@@ -234,7 +215,7 @@ def test_an_orphaned_step_keeps_the_runners_lock_and_a_dead_runners_lock_is_take
     finally:
         os.kill(orphan, signal.SIGKILL)
     deadline = time.time() + 30
-    while _running(orphan):
+    while alive(orphan):
         assert time.time() < deadline
         time.sleep(0.05)
     lock = Lock.try_acquire(tmp_path / "lock", holder_info(command="taken over"))
