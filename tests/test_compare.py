@@ -13,8 +13,8 @@ import pytest
 
 from nnunet_margin import cli
 from nnunet_margin.calibration import CalibrationStats
-from nnunet_margin.nnunet.calibration_report import write_calibration_report
-from nnunet_margin.nnunet.compare import case_scores, compare, load_method, method_name
+from nnunet_margin.nnunet.prediction_folder import write_calibration_report
+from nnunet_margin.nnunet.compare_reports import case_scores, compare, load_method, method_name
 
 CLASS_NAMES = ["background", "organ", "lesion"]
 
