@@ -9,6 +9,7 @@ import io
 import json
 import math
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -292,6 +293,27 @@ def test_calibrate_validation_folder_writes_beside_the_predictions(tmp_path):
     assert (trainer / "fold_0" / "validation" / "calibration.json").is_file()
 
 
+def test_a_validation_folder_against_gt_segmentations_covers_its_folds_validation_cases(tmp_path):
+    """nnU-Net's gt_segmentations hold every training case; a fold's validation folder must hold the fold's
+    validation cases (splits_final.json beside it), and only those."""
+    validation = tmp_path / "results" / "Trainer__nnUNetPlans__3d_fullres" / "fold_1" / "validation"
+    preprocessed = tmp_path / "preprocessed" / "Dataset001_X"
+    write_prediction_folder(validation, preprocessed / "gt_segmentations", model_folder=validation.parents[1])
+    shutil.copy(validation.parents[1] / "dataset.json", preprocessed)
+    shutil.copy(preprocessed / "gt_segmentations" / "case_000.nii.gz", preprocessed / "gt_segmentations" / "t.nii.gz")
+    splits = [{"train": [], "val": []}, {"train": ["t"], "val": ["case_000", "case_001", "case_002"]}]
+    (preprocessed / "splits_final.json").write_text(json.dumps(splits))
+    gt_cases = ["case_000", "case_001", "case_002", "t"]
+    assert expected_cases(validation, preprocessed / "gt_segmentations", gt_cases)[0] == gt_cases[:3]
+    assert expected_cases(tmp_path, preprocessed / "gt_segmentations", gt_cases)[0] == gt_cases  # not a fold's
+    assert sorted(calibrate_prediction_folder(validation, preprocessed / "gt_segmentations")["metric_per_case"]) == \
+        gt_cases[:3]
+    for path in validation.glob("case_001.*"):
+        path.unlink()
+    with pytest.raises(FileNotFoundError, match="1 of fold 1's validation cases have no prediction .*: case_001"):
+        calibrate_prediction_folder(validation, preprocessed / "gt_segmentations")
+
+
 def _break_no_npz(pred, gt):
     for npz in pred.glob("*.npz"):
         npz.unlink()
@@ -402,3 +424,87 @@ def test_command_line(tmp_path, capsys):
     assert "foreground (mean over 3 cases): ece" in capsys.readouterr().out
     assert (tmp_path / "out" / "calibration.json").is_file()
 
+
+
+# --- `nnunet-margin calibration` on real nnUNetv2_predict output (generated dataset, nnUNetTrainer_demo fold 0) ------
+
+def _calibration(predictions: Path, labels: Path, capsys, *extra: str) -> tuple[int, str, str]:
+    code = cli.main(["calibration", str(predictions), str(labels), *extra])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture()
+def real(shared_test_predictions, shared_models, tmp_path):
+    """Copies of the test set's predictions and labels, to be changed by the test."""
+    shutil.copytree(shared_test_predictions, tmp_path / "predictions")
+    shutil.copytree(shared_models.nnunet.raw / "labelsTs", tmp_path / "labels")
+    return tmp_path / "predictions", tmp_path / "labels"
+
+
+@pytest.mark.e2e
+def test_real_predictions_are_reported_with_every_metric_on_every_case(real, capsys):
+    predictions, labels = real
+    code, out, err = _calibration(predictions, labels, capsys)
+    assert code == 0, err
+    report = json.loads((predictions / "calibration.json").read_text())
+    assert report["coverage"] == {"calibration": ["case_010", "case_011"], "segmentation": ["case_010", "case_011"]}
+    assert "warning" not in out and "ground_truth_without_prediction" not in report
+    properties = pickle.loads((predictions / "case_010.pkl").read_bytes())
+    box = CropBox.from_properties(properties)  # the real properties nnU-Net pickled beside the probabilities
+    assert report["metric_per_case"]["case_010"]["crop"]["num_voxels"] <= box.voxels
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("change, named", [
+    (lambda image: image.SetSpacing((1.0, 1.0, 1.5)), r"spacing \(1.5, 1, 1\) \(prediction: \(1, 1, 1\)\)"),
+    (lambda image: image.SetOrigin((0.0, 0.0, 2.0)), r"origin \(0, 0, 2\) \(prediction: \(0, 0, 0\)\)"),
+])
+def test_ground_truth_on_another_grid_is_refused_naming_the_case_and_the_difference(real, capsys, change, named):
+    import SimpleITK as sitk
+
+    predictions, labels = real
+    image = sitk.ReadImage(str(labels / "case_011.nii.gz"))
+    change(image)
+    sitk.WriteImage(image, str(labels / "case_011.nii.gz"))
+    code, _, err = _calibration(predictions, labels, capsys)
+    assert code == 2 and "case case_011" in err and re.search(named, err), err
+    assert "nnU-Net's tolerance" in err and len(err.strip().splitlines()) <= 2
+    assert not (predictions / "calibration.json").exists()
+
+
+@pytest.mark.e2e
+def test_ground_truth_without_prediction_is_refused_or_reported(real, capsys):
+    predictions, labels = real
+    for path in predictions.glob("case_011.*"):
+        path.unlink()
+    code, _, err = _calibration(predictions, labels, capsys)
+    assert code == 2 and "1 of the ground-truth cases" in err and "case_011" in err and "--allow-missing" in err
+    assert not (predictions / "calibration.json").exists()
+    code, out, err = _calibration(predictions, labels, capsys, "--allow-missing")
+    assert code == 0, err
+    report = json.loads((predictions / "calibration.json").read_text())
+    assert report["ground_truth_without_prediction"] == ["case_011"] and list(report["metric_per_case"]) == ["case_010"]
+    assert "warning: 1 ground-truth case(s) without a prediction are not in the report: case_011" in out
+
+
+@pytest.mark.e2e
+def test_a_missing_segmentation_file_is_reported_per_metric_family(real, capsys):
+    predictions, labels = real
+    (predictions / "case_011.nii.gz").unlink()
+    code, out, err = _calibration(predictions, labels, capsys)
+    assert code == 0, err
+    report = json.loads((predictions / "calibration.json").read_text())
+    assert report["coverage"] == {"calibration": ["case_010", "case_011"], "segmentation": ["case_010"]}
+    assert "segmentation" not in report["metric_per_case"]["case_011"]
+    assert "warning: Dice, HD95 and ASD cover 1 case(s), the calibration metrics 2; without: case_011" in out
+
+
+@pytest.mark.e2e
+def test_probabilities_that_do_not_sum_to_one_name_the_case_file(real, capsys):
+    predictions, labels = real
+    npz = predictions / "case_010.npz"
+    probabilities = np.load(npz)["probabilities"]
+    np.savez_compressed(npz, probabilities=probabilities * np.float32(0.9))
+    code, _, err = _calibration(predictions, labels, capsys)
+    assert code == 2 and f"{npz}: probabilities sum to 0.9" in err, err

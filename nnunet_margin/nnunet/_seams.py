@@ -583,12 +583,12 @@ def _check_preprocessed_files() -> None:
                                    (nnunet_dataset.nnUNetDatasetNumpy, {})):
         with tempfile.TemporaryDirectory() as folder:
             dataset_class.save_case(data, segmentation, {}, str(Path(folder) / "case"), **options)
-            found = layout.preprocessed_segmentation_file(Path(folder), "case").name
-            loaded = dataset_class(folder, ["case"]).load_case("case")
-            suffixes = layout.PREPROCESSED_SEGMENTATION_SUFFIXES
-            _require("preprocessed_files", found in {f"case{suffix}" for suffix in suffixes}
-                     and (Path(folder) / f"case{layout.PROPERTIES_SUFFIX}").is_file() and loaded[3] == {},
-                     f"{dataset_class.__name__}.save_case writes {sorted(p.name for p in Path(folder).iterdir())}")
+            written = sorted(path.name for path in Path(folder).iterdir())
+            _require("preprocessed_files", any(f"case{suffix}" in written
+                                               for suffix in layout.PREPROCESSED_SEGMENTATION_SUFFIXES)
+                     and f"case{layout.PROPERTIES_SUFFIX}" in written
+                     and dataset_class(folder, ["case"]).load_case("case")[3] == {},
+                     f"{dataset_class.__name__}.save_case writes {written}")
     _require("preprocessed_files", 'npz_file[:-4] + "_seg.npy"' in _source(_convert_to_npy),
              "nnU-Net unpacks a numpy case's segmentation to another file than CASE_seg.npy")
 
