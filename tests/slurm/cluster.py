@@ -87,7 +87,8 @@ class TestCluster:
                  "the restarted slurmctld to answer", 30)
 
     def environment(self) -> dict[str, str]:
-        return {**os.environ, "SLURM_CONF": str(self.conf)}
+        """This cluster's SLURM_CONF, and the daemons' folders on PATH."""
+        return {**os.environ, "SLURM_CONF": str(self.conf), "PATH": f"{os.environ['PATH']}:/usr/sbin:/sbin"}
 
 
 def start_clusters(*folders: Path) -> list[TestCluster]:

@@ -17,11 +17,15 @@ fail() {
 }
 log_tail() { tail -n 3 "$folder/log/$1.log" 2>/dev/null | tr '\n' ' '; }
 
+PATH="$PATH:/usr/sbin:/sbin"  # the daemons' folders, which a user's PATH may lack
 for program in munged mungekey slurmctld slurmd sinfo sbatch squeue scancel python3; do
     command -v "$program" >/dev/null || fail "$program not found: install the Debian packages slurm-wlm and munge"
 done
 [ "$(id -u)" = 0 ] || fail "needs root (slurmd starts each job as its submitting user)"
-[ -e "$folder/slurm.conf" ] && fail "$folder already holds a cluster: stop it with stop.sh and use a new folder"
+if [ -e "$folder/slurm.conf" ]; then  # not fail(): that would stop the cluster there
+    echo "slurm test cluster: $folder already holds a cluster: stop it with stop.sh, or use a new folder" >&2
+    exit 1
+fi
 
 mkdir -p "$folder/munge" "$folder/state" "$folder/spool" "$folder/log"
 chmod 755 "$folder/munge"  # munged refuses a socket folder that others may write to
