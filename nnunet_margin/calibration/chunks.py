@@ -1,4 +1,4 @@
-"""Visiting voxels in chunks of bounded size: the positions of masked voxels, full batches of them, and the spatial
+"""Visiting voxels in chunks of bounded size: the positions of masked voxels, full chunks of them, and the spatial
 index of a chunk's column (for error messages)."""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ def true_positions(mask: torch.Tensor) -> torch.Tensor:
     return mask.nonzero()[:, 0]
 
 
-def voxel_batches(num_voxels: int, chunk: int, flat_mask: torch.Tensor | None) -> Iterator[slice | torch.Tensor]:
-    """Batches of at most `chunk` voxels in visiting order: slices of all voxels without a mask, else the int64
-    positions of the masked voxels, gathered over as many mask blocks as it takes to fill a batch (a sparse mask
-    then still gives full batches, not many small ones that pay every operation's fixed cost)."""
+def voxel_chunks(num_voxels: int, chunk: int, flat_mask: torch.Tensor | None) -> Iterator[slice | torch.Tensor]:
+    """Chunks of at most `chunk` voxels in visiting order: slices of all voxels without a mask, else the int64
+    positions of the masked voxels, gathered over as many mask blocks as it takes to fill a chunk (a sparse mask
+    then still gives full chunks, not many small ones that pay every operation's fixed cost)."""
     if flat_mask is None:
         yield from (slice(start, start + chunk) for start in range(0, num_voxels, chunk))
         return
@@ -38,15 +38,15 @@ def voxel_batches(num_voxels: int, chunk: int, flat_mask: torch.Tensor | None) -
         yield torch.cat(pending)
 
 
-def chunk_voxel_index(spatial_shape: tuple[int, ...], batch: slice | torch.Tensor, order: list[int] | None = None,
+def chunk_voxel_index(spatial_shape: tuple[int, ...], positions: slice | torch.Tensor, order: list[int] | None = None,
                       prefix: tuple[int, ...] = ()) -> Callable[[int], tuple[int, ...]]:
     """For error messages: maps a column of a chunk to its index into the (*spatial) array, after `prefix` (a
-    volume's index in its batch). The chunk holds the voxels at the flat positions `batch` (a slice, or int64
+    volume's index in its batch). The chunk holds the voxels at the flat `positions` (a slice, or int64
     positions) in the order that visits the axes `order` (default: C order)."""
     order = list(range(len(spatial_shape))) if order is None else order
 
     def voxel_index(column: int) -> tuple[int, ...]:
-        position = batch.start + column if isinstance(batch, slice) else int(batch[column])
+        position = positions.start + column if isinstance(positions, slice) else int(positions[column])
         index = [0] * len(spatial_shape)
         for axis, value in zip(order, np.unravel_index(position, [spatial_shape[axis] for axis in order])):
             index[axis] = int(value)

@@ -39,7 +39,7 @@ from .checks import (
     probability_sum_tolerance,
     split_volumes,
 )
-from .chunks import chunk_voxel_index, voxel_batches
+from .chunks import chunk_voxel_index, voxel_chunks
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,8 @@ class CalibrationStats:
         binning: "equal_width" (default): bins (lower, upper] of width 1 / n_bins. "equal_mass": adaptive bins that
             each hold about the same number of voxels (Nixon et al. 2019), for the top label and for every class
             separately: the voxel of rank r of N (ascending value) belongs to bin floor(n_bins * r / N). The state
-            then is a fine histogram (`EQUAL_MASS_FINE_BINS` bins of equal width in log-odds, see the module's
-            constants), still exact and summed elementwise when merged; the bins are formed from consecutive fine
+            then is a fine histogram (`EQUAL_MASS_FINE_BINS` bins of equal width in log-odds, see the constants
+            of `binning.py`), still exact and summed elementwise when merged; the bins are formed from consecutive fine
             bins at compute time, so voxels in one fine bin share a bin and a fine bin holding more than N / n_bins
             voxels leaves some bins empty (metrics use the non-empty bins).
 
@@ -147,17 +147,17 @@ class CalibrationStats:
 
         delta = CalibrationStats(self.num_classes, self.n_bins, self.binning)
         chunk = max(1, CHUNK_ENTRIES // self.num_classes)
-        for batch in voxel_batches(flat_labels.numel(), chunk, flat_mask):
-            if isinstance(batch, slice):
-                chunk_probabilities, chunk_labels = flat_probabilities[:, batch], flat_labels[batch]
+        for positions in voxel_chunks(flat_labels.numel(), chunk, flat_mask):
+            if isinstance(positions, slice):
+                chunk_probabilities, chunk_labels = flat_probabilities[:, positions], flat_labels[positions]
             else:
-                chunk_probabilities = flat_probabilities.index_select(1, batch)
-                chunk_labels = flat_labels.index_select(0, batch)
+                chunk_probabilities = flat_probabilities.index_select(1, positions)
+                chunk_labels = flat_labels.index_select(0, positions)
             chunk_probabilities = chunk_probabilities.to(compute_dtype).contiguous()
             chunk_labels = chunk_labels.to(torch.int64)
             self._check_labels(chunk_labels)
             check_probability_values(chunk_probabilities, sum_tolerance,
-                                     chunk_voxel_index(tuple(labels.shape), batch, order, volume.index))
+                                     chunk_voxel_index(tuple(labels.shape), positions, order, volume.index))
             sums = chunk_state(chunk_probabilities, chunk_labels, self._stored_bins, bins_of)
             for name, value in sums.items():
                 delta.state[name] += value.reshape(delta.state[name].shape).cpu()
