@@ -103,7 +103,7 @@ def _calibration_command(args: argparse.Namespace) -> int:
 
 def _compare_command(args: argparse.Namespace) -> int:
     from ._atomic import atomic_path
-    from .calibration.comparison import csv_table
+    from .comparison import csv_table
     from .nnunet.compare import compare, printed_table, write_comparison
 
     comparison, methods = compare(args.methods, args.baseline)
