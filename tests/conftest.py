@@ -123,6 +123,14 @@ def shared_models(tmp_path_factory, worker_id) -> SharedModels:
     return SharedModels(nnunet, lock)
 
 
+def pytest_collection_modifyitems(items):
+    """A test that needs a planned dataset runs nnU-Net's commands: it is marked e2e, so `pytest -m "not e2e"` runs
+    the unit tests alone."""
+    for item in items:
+        if {"nnunet_env", "shared_models"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
+
 @pytest.fixture(scope="session")
 def shared_test_predictions(shared_models) -> Path:
     """`nnUNetv2_predict --save_probabilities` of the held-out images (imagesTs) by nnUNetTrainer_demo's fold 0, once

@@ -442,7 +442,6 @@ def real(shared_test_predictions, shared_models, tmp_path):
     return tmp_path / "predictions", tmp_path / "labels"
 
 
-@pytest.mark.e2e
 def test_real_predictions_are_reported_with_every_metric_on_every_case(real, capsys):
     predictions, labels = real
     code, out, err = _calibration(predictions, labels, capsys)
@@ -455,7 +454,6 @@ def test_real_predictions_are_reported_with_every_metric_on_every_case(real, cap
     assert report["metric_per_case"]["case_010"]["crop"]["num_voxels"] <= box.voxels
 
 
-@pytest.mark.e2e
 @pytest.mark.parametrize("change, named", [
     (lambda image: image.SetSpacing((1.0, 1.0, 1.5)), r"spacing \(1.5, 1, 1\) \(prediction: \(1, 1, 1\)\)"),
     (lambda image: image.SetOrigin((0.0, 0.0, 2.0)), r"origin \(0, 0, 2\) \(prediction: \(0, 0, 0\)\)"),
@@ -473,7 +471,6 @@ def test_ground_truth_on_another_grid_is_refused_naming_the_case_and_the_differe
     assert not (predictions / "calibration.json").exists()
 
 
-@pytest.mark.e2e
 def test_ground_truth_without_prediction_is_refused_or_reported(real, capsys):
     predictions, labels = real
     for path in predictions.glob("case_011.*"):
@@ -488,7 +485,6 @@ def test_ground_truth_without_prediction_is_refused_or_reported(real, capsys):
     assert "warning: 1 ground-truth case(s) without a prediction are not in the report: case_011" in out
 
 
-@pytest.mark.e2e
 def test_a_missing_segmentation_file_is_reported_per_metric_family(real, capsys):
     predictions, labels = real
     (predictions / "case_011.nii.gz").unlink()
@@ -500,7 +496,6 @@ def test_a_missing_segmentation_file_is_reported_per_metric_family(real, capsys)
     assert "warning: Dice, HD95 and ASD cover 1 case(s), the calibration metrics 2; without: case_011" in out
 
 
-@pytest.mark.e2e
 def test_probabilities_that_do_not_sum_to_one_name_the_case_file(real, capsys):
     predictions, labels = real
     npz = predictions / "case_010.npz"

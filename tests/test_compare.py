@@ -143,7 +143,6 @@ def real_reports(shared_test_predictions, shared_models, tmp_path_factory):
     return root
 
 
-@pytest.mark.e2e
 def test_methods_on_different_cases_are_refused_naming_methods_and_cases(real_reports, capsys):
     capsys.readouterr()
     assert cli.main(["compare", f"A={real_reports / 'all'}", f"B={real_reports / 'one'}"]) == 2
@@ -154,7 +153,6 @@ def test_methods_on_different_cases_are_refused_naming_methods_and_cases(real_re
     assert "cases with segmentation metrics (Dice, HD95, ASD): C lacks case_011" in error, error
 
 
-@pytest.mark.e2e
 def test_common_cases_restricts_every_method_and_says_so(real_reports, tmp_path, capsys):
     capsys.readouterr()
     arguments = ["compare", f"A={real_reports / 'all'}", f"B={real_reports / 'one'}",

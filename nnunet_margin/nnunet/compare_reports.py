@@ -14,8 +14,8 @@ or the folder. Per case, the report's scores become one value per metric (docs/m
 Methods must be evaluated on the same cases, per metric family (the calibration metrics: every case of the
 reports; the segmentation metrics: the cases with a segmentation): otherwise their means are not comparable and
 `compare` refuses, naming the methods and cases, unless `common_cases` restricts every method to the cases all of
-them have (the report then says which cases were left out). `nnunet_margin.calibration.comparison` turns the scores
-into means, standard deviations, ranks, bootstrap confidence intervals and Wilcoxon tests; `write_comparison` writes
+them have (the report then says which cases were left out). `nnunet_margin.comparison` turns the scores into
+means, standard deviations, ranks, bootstrap confidence intervals and Wilcoxon tests; `write_comparison` writes
 report.md, table.csv, table.tex and compare.png.
 """
 
@@ -32,8 +32,8 @@ from typing import Any
 
 from .._atomic import atomic_path
 from ..calibration import CalibrationStats
-from ..calibration.comparison import (METRIC_DIRECTIONS, CaseScores, Comparison, compare_methods, csv_table,
-                                      latex_table, markdown_report, markdown_table, plot_comparison)
+from ..comparison import (METRIC_DIRECTIONS, CaseScores, Comparison, compare_methods, csv_table, latex_table,
+                          markdown_report, markdown_table, plot_comparison)
 from .calibration_report import REPORT_FILE
 from .layout import VALIDATION_FOLDER, split_model_folder_name
 
