@@ -26,11 +26,9 @@ from .nnunet.distributed import mean_over_ranks, on_rank_zero
 from .nnunet.label_stats import trainer_label_counts
 from .nnunet.loss_assembly import assemble_loss, soft_dice
 from .nnunet.margin_record import compute_fold_record, record_from_checkpoint_extras, write_record
-from .nnunet.layout import FINAL_CHECKPOINT
+from .nnunet.layout import FINAL_CHECKPOINT, PLUGIN_CHECKPOINT_KEY
 from .nnunet.provenance import record_validation
 from .nnunet.validation import measuring_calibration, write_validation_report
-
-CHECKPOINT_KEY = "nnunet_margin"
 
 
 class nnUNetTrainerWithCalibration(nnUNetTrainer):
@@ -85,7 +83,8 @@ class nnUNetTrainerWithCalibration(nnUNetTrainer):
         if self.local_rank != 0 or self.disable_checkpointing:
             super().save_checkpoint(filename)  # writes nothing here, but logs as nnU-Net does
             return
-        _seams.save_checkpoint_with(super().save_checkpoint, filename, {CHECKPOINT_KEY: self.checkpoint_extras()})
+        _seams.save_checkpoint_with(super().save_checkpoint, filename,
+                                    {PLUGIN_CHECKPOINT_KEY: self.checkpoint_extras()})
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         if isinstance(filename_or_checkpoint, dict):
@@ -93,7 +92,7 @@ class nnUNetTrainerWithCalibration(nnUNetTrainer):
         else:
             checkpoint = torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
             name = Path(filename_or_checkpoint).name
-        extras = checkpoint.get(CHECKPOINT_KEY) or {}
+        extras = checkpoint.get(PLUGIN_CHECKPOINT_KEY) or {}
         self.before_loading_checkpoint(extras)
         _seams.load_checkpoint_once(super().load_checkpoint, checkpoint, name or "(dict)")
         self.restore_checkpoint_extras(extras)
@@ -142,7 +141,7 @@ class LossTermsTrainer(nnUNetTrainerWithCalibration):
 
     def train_step(self, batch: dict) -> dict:
         result = super().train_step(batch)
-        if not np.isfinite(result["loss"]):  # nnU-Net's own host copy of the loss: no extra synchronisation
+        if not np.isfinite(_seams.train_step_loss(result)):  # nnU-Net's host copy: no extra synchronisation
             self._raise_nonfinite_loss()
         components = self.loss.components
         if len(components) > 1:
