@@ -174,10 +174,11 @@ class MarginCalibrationLoss(SegmentationLoss):
 
     @classmethod
     def from_counts(cls, counts: Sequence[float] | torch.Tensor, tau: float = 10.0, upsilon: float = 1.0,
-                    empty_classes: str = "error", **kwargs) -> "MarginCalibrationLoss":
-        """Build the loss from per-class voxel counts (background first)."""
+                    empty_classes: str = "error", form: str = "released",
+                    ignore_index: int | None = None) -> "MarginCalibrationLoss":
+        """Build the loss from per-class voxel counts (background first), with the offsets of `margin_offsets`."""
         offsets = margin_offsets(counts, tau=tau, upsilon=upsilon, empty_classes=empty_classes)
-        return cls(offsets.rho_k0, offsets.rho_0k, **kwargs)
+        return cls(offsets.rho_k0, offsets.rho_0k, form=form, ignore_index=ignore_index)
 
     @property
     def num_classes(self) -> int:

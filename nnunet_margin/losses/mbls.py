@@ -8,8 +8,6 @@ The formulas follow docs/methods.md section 2.
 
 from __future__ import annotations
 
-import torch
-
 from ._fused import PrecomputedGradient, log_softmax_cross_entropy, subtract_target_, voxel_chunks
 from ._inputs import FlatInputs, check_finite_number, chunk_voxels
 from .base import SegmentationLoss
