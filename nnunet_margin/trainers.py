@@ -130,9 +130,9 @@ class LossTermsTrainer(nnUNetTrainerWithCalibration):
     def _build_loss(self):
         name = type(self).__name__
         if not is_weight(self.dice_weight, allow_zero=True):
-            raise ValueError(f"{name}.dice_weight = {self.dice_weight!r}: the weight of nnU-Net's soft Dice term must be "
-                             f"a finite number >= 0 (0: no Dice term). Set dice_weight in the trainer class to 0 or a "
-                             f"positive weight.")
+            raise ValueError(f"{name}.dice_weight = {self.dice_weight!r}: the weight of nnU-Net's soft Dice term "
+                             f"must be a finite number >= 0 (0: no Dice term). Set dice_weight in the trainer class to "
+                             f"0 or a positive weight.")
         terms = self.loss_terms()
         check_terms(f"{name}.loss_terms()", terms)
         if self.dice_weight:
@@ -238,9 +238,9 @@ class MethodTrainer(LossTermsTrainer):
         stray = [name for name in dir(type(self))
                  if name.startswith(f"{method.prefix}_") and name not in method.attributes]
         if stray:
-            raise AttributeError(f"{type(self).__name__} sets {', '.join(stray)}, which method {method.name!r} does not "
-                                 f"know; its settings are {', '.join(method.attributes)} (nnunet_margin/methods.py). "
-                                 f"Fix the attribute's name.")
+            raise AttributeError(f"{type(self).__name__} sets {', '.join(stray)}, which method {method.name!r} does "
+                                 f"not know; its settings are {', '.join(method.attributes)} "
+                                 f"(nnunet_margin/methods.py). Fix the attribute's name.")
         return {setting: getattr(self, attribute) for attribute, setting in method.attributes.items()}
 
     def build_method_loss(self) -> SegmentationLoss:

@@ -46,8 +46,8 @@ def one_trainer_per_loss() -> list[str]:
     has Dice already), so that every term of every plugin loss is stepped once."""
     chosen = [methods.BASELINE_TRAINER]
     for method in methods.METHODS:
-        with_dice = [name for name in method.trainers
-                     if getattr(trainers, name).dice_weight and not set(method.variants.get(name, {})) - {"dice_weight"}]
+        with_dice = [name for name in method.trainers if getattr(trainers, name).dice_weight
+                     and set(method.variants.get(name, {})) <= {"dice_weight"}]
         chosen.append(with_dice[0] if with_dice else method.trainer)
     return chosen
 

@@ -76,9 +76,12 @@ def test_method_names_terms_and_trainers_are_unique():
 
 # --- the contract, for every method -----------------------------------------------------------------------------------
 
-CONTRACT_CASES = [pytest.param(check, method, settings,
-                               id=f"{method.name}{'-' + '-'.join(f'{k}={v}' for k, v in settings.items()) if settings else ''}"
-                                  f"-{check.__name__.removeprefix('check_')}")
+def case_id(method, settings, check) -> str:
+    return "-".join([method.name, *(f"{key}={value}" for key, value in settings.items()),
+                     check.__name__.removeprefix("check_")])
+
+
+CONTRACT_CASES = [pytest.param(check, method, settings, id=case_id(method, settings, check))
                   for method in METHODS for settings in method.test_settings for check in contract_checks(method)]
 
 
@@ -104,6 +107,7 @@ def kept(y, ignore_index):
     labels = y[:, 0]
     return torch.ones_like(labels, dtype=torch.bool) if ignore_index is None else labels != ignore_index
 
+
 def voxel_rows(z, y, ignore_index=None):
     """(voxels, K) logits and (voxels,) labels of the voxels that count."""
     keep = kept(y, ignore_index)
@@ -126,6 +130,7 @@ def naive_margin_calibration(z, y, rho_k0, rho_0k, form="released", ignore_index
     log2_loss = torch.where(onehot.bool(), torch.log2(1 + 2 ** (-s)), torch.log2(1 + 2 ** s))
     return log2_loss.sum(1).mean()
 
+
 def naive_mbls(z, y, margin, alpha, ignore_index=None):
     logits, labels = voxel_rows(z, y, ignore_index)
     ce = F.cross_entropy(logits, labels)
@@ -138,11 +143,13 @@ def naive_focal(z, y, gamma, ignore_index=None):
     log_p = F.log_softmax(logits, 1).gather(1, labels[:, None])[:, 0]
     return (-(1 - log_p.exp()) ** gamma * log_p).mean()
 
+
 def naive_confidence_penalty(z, y, beta, ignore_index=None):
     logits, labels = voxel_rows(z, y, ignore_index)
     log_p = F.log_softmax(logits, 1)
     entropy = -(log_p.exp() * log_p).sum(1)
     return F.cross_entropy(logits, labels) - beta * entropy.mean()
+
 
 def svls_reference_kernel(dims, sigma):
     """docs/methods.md 4d: Gaussian 3^d normalised to 1, centre c replaced by 1 - c, divided by 1 - c."""
@@ -155,6 +162,7 @@ def svls_reference_kernel(dims, sigma):
     kernel[centre] = neighbours
     return kernel / neighbours
 
+
 def convolve(x, kernel, padding_mode):
     """Depthwise 'same' convolution of (B, C, *spatial) with one d-dimensional kernel."""
     dims = x.ndim - 2
@@ -164,10 +172,12 @@ def convolve(x, kernel, padding_mode):
     conv = {2: F.conv2d, 3: F.conv3d}[dims]
     return conv(x, kernel.to(x.dtype).expand(x.shape[1], 1, *kernel.shape), groups=x.shape[1])
 
+
 def one_hot_counted(y, num_classes, ignore_index, dtype):
     keep = kept(y, ignore_index)
     labels = torch.where(keep, y[:, 0], 0)
     return F.one_hot(labels, num_classes).movedim(-1, 1).to(dtype) * keep[:, None], keep[:, None].to(dtype)
+
 
 def naive_svls(z, y, sigma=1.0, ignore_index=None):
     """Soft target = sum of kernel x one-hot over the counted neighbours / their kernel weight (replicate padding);
@@ -179,12 +189,14 @@ def naive_svls(z, y, sigma=1.0, ignore_index=None):
     per_voxel = -(soft * F.log_softmax(z, 1)).sum(1)
     return per_voxel[kept(y, ignore_index)].mean()
 
+
 def released_svls_3d(z, y, sigma=1.0):
     """mobarakol/SVLS svls.py as the docs describe it: float32 kernel, replicate pad, divide by the kernel sum."""
     kernel = svls_reference_kernel(3, sigma).float()
     onehot = F.one_hot(y[:, 0], z.shape[1]).movedim(-1, 1).float()
     soft = convolve(onehot, kernel, "replicate") / kernel.sum()
     return (-soft.to(z.dtype) * F.log_softmax(z, 1)).sum(1).mean()
+
 
 def naive_nacl(z, y, alpha, taps, distance, ignore_index):
     """tau = zero-padded filter of the counted one-hot rows, times S / (S - kernel weight on ignored neighbours)."""
@@ -200,6 +212,7 @@ def naive_nacl(z, y, alpha, taps, distance, ignore_index):
     keep = kept(y, ignore_index)
     logits, labels = voxel_rows(z, y, ignore_index)
     return F.cross_entropy(logits, labels) + alpha * distances.movedim(1, -1)[keep].mean()
+
 
 def naive_ace(z, y, num_bins=20, soft=False, empty_weight=0.01, ignore_index=None):
     """docs/methods.md 4f with loops over images, classes and bins; autograd through the bin means."""
@@ -237,12 +250,14 @@ def naive_ace(z, y, num_bins=20, soft=False, empty_weight=0.01, ignore_index=Non
             total = total + torch.stack(errors).mean()
     return total / (batch * num_classes)
 
+
 def naive_cals(z, y, lambdas, rhos, margin, ignore_index=None):
     logits, labels = voxel_rows(z, y, ignore_index)
     h = (logits.max(1, keepdim=True).values - logits - margin) / margin
     x = lambdas + rhos * h
     penalty = torch.where(x >= 0, (x ** 2 - lambdas ** 2) / (2 * rhos), -lambdas ** 2 / (2 * rhos))
     return F.cross_entropy(logits, labels) + penalty.mean()
+
 
 class NaiveCALSMultipliers:
     """docs/methods.md 4g's multiplier updates, one epoch's validation batches at a time."""
@@ -266,6 +281,7 @@ class NaiveCALSMultipliers:
             self.rhos = torch.where(mean_h > 0.9 * self.previous.clamp(min=0), 1.2 * self.rhos, self.rhos).clamp(1, 10)
         self.previous = mean_h
 
+
 def assert_matches_naive(loss_fn, naive, z, y, rtol=1e-9, atol=1e-12):
     value, gradient = value_and_gradient(loss_fn, z, y)
     expected_value, expected_gradient = value_and_gradient(naive, z, y)
@@ -276,10 +292,9 @@ def assert_matches_naive(loss_fn, naive, z, y, rtol=1e-9, atol=1e-12):
 # --- 1. margin calibration (docs/methods.md 1) ------------------------------------------------------------------------
 
 REFERENCE_COUNTS = [9000, 600, 300, 100]
-
 REFERENCE_RHO_K0 = [0.0030878827, 0.00025280202, 0.0001759167, 0.00010051388]
-
 REFERENCE_RHO_0K = [0.035136418, 1.6158933, 3.2829526, 9.9498744]
+
 
 def reference_inputs():
     x = torch.arange(216).float()
@@ -287,13 +302,16 @@ def reference_inputs():
     y = (torch.arange(54) % 4).reshape(2, 1, 3, 3, 3)
     return z, y
 
+
 def reference_offsets():
     return margin_offsets(REFERENCE_COUNTS, tau=10, upsilon=1)
+
 
 def test_offsets_match_methods_reference():
     offsets = reference_offsets()
     torch.testing.assert_close(offsets.rho_k0, torch.tensor(REFERENCE_RHO_K0, dtype=torch.float64), rtol=1e-6, atol=0)
     torch.testing.assert_close(offsets.rho_0k, torch.tensor(REFERENCE_RHO_0K, dtype=torch.float64), rtol=1e-6, atol=0)
+
 
 def test_offsets_follow_corollary_1():
     counts = torch.tensor([5000.0, 800, 70, 3], dtype=torch.float64)
@@ -304,16 +322,19 @@ def test_offsets_follow_corollary_1():
             expected = (counts[j] / counts[i]) * math.sqrt(total - counts[i]) / math.sqrt(total - counts[j])
             assert float(rho_0k[i] / rho_0k[j]) == pytest.approx(float(expected), rel=1e-9)
 
+
 def test_tau_scales_both_offsets_and_rare_classes_get_larger_margins():
     base, doubled = margin_offsets(REFERENCE_COUNTS, tau=10), margin_offsets(REFERENCE_COUNTS, tau=20)
     torch.testing.assert_close(doubled.rho_0k, 2 * base.rho_0k)
     torch.testing.assert_close(doubled.rho_k0, 2 * base.rho_k0)
     assert torch.all(base.rho_0k[1:] > base.rho_0k[:-1])
 
+
 def test_empty_class_is_an_error_naming_the_class():
     with pytest.raises(EmptyClassError, match=r"class\(es\) \[2\]") as caught:
         margin_offsets([100, 10, 0, 5])
     assert caught.value.empty_classes == [2]
+
 
 def test_empty_class_counted_as_one_voxel_when_opted_in():
     opted = margin_offsets([100, 10, 0, 5], empty_classes="count_as_one")
@@ -321,6 +342,7 @@ def test_empty_class_counted_as_one_voxel_when_opted_in():
     torch.testing.assert_close(opted.rho_0k, explicit.rho_0k)
     torch.testing.assert_close(opted.rho_k0, explicit.rho_k0)
     assert torch.isfinite(opted.rho_0k).all()
+
 
 @pytest.mark.parametrize("counts, kwargs, message", [
     ([10], {}, "at least 2 classes"),
@@ -337,12 +359,14 @@ def test_offsets_reject_bad_input(counts, kwargs, message):
     with pytest.raises(ValueError, match=message):
         margin_offsets(counts, **kwargs)
 
+
 def test_margin_calibration_matches_methods_reference():
     z, y = reference_inputs()
     offsets = reference_offsets()
     loss = MarginCalibrationLoss(offsets.rho_k0, offsets.rho_0k)(z, y)
     assert loss.dtype == torch.float32
     assert float(loss) == pytest.approx(4.6068859, rel=1e-6)
+
 
 @pytest.mark.parametrize("form", ["released", "paper"])
 @pytest.mark.parametrize("ignore_index", [None, 2])
@@ -373,6 +397,7 @@ def test_margin_calibration_channel_count_must_match_offsets():
     with pytest.raises(ValueError, match="5 channels but the margin offsets are for 4 classes"):
         MarginCalibrationLoss(*reference_offsets())(z, y)
 
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"rho_k0": [0.1, 0.2], "rho_0k": [0.1]}, "one entry per class"),
     ({"rho_k0": [0.1, 0.2], "rho_0k": [0.1, float("inf")]}, "finite"),
@@ -382,9 +407,11 @@ def test_margin_calibration_constructor_checks(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MarginCalibrationLoss(**kwargs)
 
+
 def test_from_counts_equals_explicit_offsets():
     z, y = reference_inputs()
     assert float(MarginCalibrationLoss.from_counts(REFERENCE_COUNTS)(z, y)) == pytest.approx(4.6068859, rel=1e-6)
+
 
 def test_ties_in_the_top_two_give_a_valid_subgradient():
     # two equal maxima: lambda is 0 for both, the loss stays finite and matches the naive form
@@ -399,7 +426,7 @@ def test_ties_in_the_top_two_give_a_valid_subgradient():
     assert float(leaf.grad.sum()) == pytest.approx(0.0, abs=1e-12)  # shift invariance of the margins
 
 
-# --- 2. MbLS (docs/methods.md 2) ------------------------------------------------------------------------------------
+# --- 2. MbLS (docs/methods.md 2) --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("scale, total, ce, penalty", [
     (1.0, 2.5837741, 2.4961898, 0.87584317),
@@ -411,6 +438,7 @@ def test_mbls_matches_methods_reference(scale, total, ce, penalty):
     assert float(parts.total) == pytest.approx(total, rel=1e-6)
     assert float(parts.terms["ce"]) == pytest.approx(ce, rel=1e-6)
     assert float(parts.terms["penalty"]) == pytest.approx(0.1 * penalty, rel=1e-6)  # terms are weighted
+
 
 @pytest.mark.parametrize("margin, alpha", [(10.0, 0.1), (2.0, 0.1), (0.5, 1.0), (0.0, 0.3)])
 @pytest.mark.parametrize("ignore_index", [None, 1])
@@ -426,10 +454,12 @@ def test_mbls_value_and_gradient_match_naive_implementation(margin, alpha, ignor
     naive.backward()
     torch.testing.assert_close(fused_input.grad, naive_input.grad, rtol=1e-9, atol=1e-12)
 
+
 def test_mbls_without_alpha_is_cross_entropy():
     z, y = random_inputs((2, 4, 3, 3, 3))
     expected = F.cross_entropy(z, y[:, 0])
     assert float(MbLSLoss(alpha=0.0)(z, y)) == pytest.approx(float(expected), rel=1e-12)
+
 
 @pytest.mark.parametrize("schedule, factor, epochs, expected", [
     (None, 0.0, [0, 5], [0.1, 0.1]),
@@ -441,6 +471,7 @@ def test_alpha_schedule(schedule, factor, epochs, expected):
     loss_fn = MbLSLoss(alpha=0.1, schedule=schedule, schedule_factor=factor, schedule_step_size=10, max_alpha=0.5)
     assert [pytest.approx(loss_fn.step_alpha(epoch)) for epoch in epochs] == expected
     assert loss_fn.alpha == pytest.approx(expected[-1])
+
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"margin": -1}, "margin"),
@@ -460,7 +491,7 @@ def test_mbls_constructor_checks(kwargs, message):
         MbLSLoss(**kwargs)
 
 
-# --- 4a-4c. focal loss, label smoothing, ECP ---------------------------------------------------------------------------
+# --- 4a-4c. focal loss, label smoothing, ECP --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0, 3.0])
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
@@ -472,6 +503,7 @@ def test_focal_equals_monai_times_classes(gamma, shape):
     monai = MonaiFocalLoss(use_softmax=True, to_onehot_y=True, gamma=gamma)(z, y)
     torch.testing.assert_close(ours, monai * shape[1], rtol=2e-6, atol=1e-7)
 
+
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
 @pytest.mark.parametrize("ignore_index", [None, 1])
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
@@ -481,6 +513,7 @@ def test_focal_matches_naive(gamma, ignore_index, shape):
         y = with_ignored_block(y, ignore_index)
     assert_matches_naive(FocalLoss(gamma, ignore_index=ignore_index),
                          lambda leaf, labels: naive_focal(leaf, labels, gamma, ignore_index), z, y)
+
 
 @pytest.mark.parametrize("epsilon", [0.0, 0.1, 0.2, 0.3, 1.0])
 @pytest.mark.parametrize("ignore_index", [None, 2])
@@ -492,6 +525,7 @@ def test_label_smoothing_equals_torch_cross_entropy(epsilon, ignore_index, shape
     expected = lambda leaf, labels: F.cross_entropy(leaf, labels[:, 0], label_smoothing=epsilon,  # noqa: E731
                                                     ignore_index=-100 if ignore_index is None else ignore_index)
     assert_matches_naive(LabelSmoothingLoss(epsilon, ignore_index=ignore_index), expected, z, y)
+
 
 @pytest.mark.parametrize("beta", [0.0, 0.1, 0.3])
 @pytest.mark.parametrize("ignore_index", [None, 1])
@@ -509,7 +543,7 @@ def test_confidence_penalty_matches_naive(beta, ignore_index, shape):
     torch.testing.assert_close(parts.terms["ce"] + parts.terms["confidence_penalty"], parts.total)
 
 
-# --- 4d-4e. SVLS and NACL --------------------------------------------------------------------------------------------
+# --- 4d-4e. SVLS and NACL ---------------------------------------------------------------------------------------------
 
 def test_svls_kernel_is_the_released_kernel():
     kernel = svls_reference_kernel(3, 1.0)
@@ -518,10 +552,12 @@ def test_svls_kernel_is_the_released_kernel():
     # the released 3D Gaussian before the centre change: exp(-|x - 1|^2 / 2) / sum; ratio corner / face = e^-1
     assert float(kernel[0, 0, 0] / kernel[0, 1, 1]) == pytest.approx(math.exp(-1.0))
 
+
 @pytest.mark.parametrize("sigma", [1.0, 0.5, 2.0])
 def test_svls_equals_released_code(sigma):
     z, y = random_inputs((2, 4, 5, 6, 7), seed=6)
     torch.testing.assert_close(SVLSLoss(sigma)(z, y), released_svls_3d(z, y, sigma), rtol=1e-6, atol=0)
+
 
 @pytest.mark.parametrize("sigma", [1.0, 0.6])
 @pytest.mark.parametrize("ignore_index", [None, 2])
@@ -533,6 +569,7 @@ def test_svls_matches_naive(sigma, ignore_index, shape):
     assert_matches_naive(SVLSLoss(sigma, ignore_index=ignore_index),
                          lambda leaf, labels: naive_svls(leaf, labels, sigma, ignore_index), z, y)
 
+
 NACL_SETTINGS = [
     dict(),
     dict(distance_type="l2"),
@@ -541,6 +578,7 @@ NACL_SETTINGS = [
     dict(kernel_size=5, alpha=0.5),
     dict(kernel_size=1),
 ]
+
 
 @pytest.mark.parametrize("settings", NACL_SETTINGS,
                          ids=lambda settings: "-".join(f"{k}={v}" for k, v in settings.items()) or "default")
@@ -559,6 +597,7 @@ def test_nacl_equals_monai(settings, shape):
     value.backward()
     expected.backward()
     torch.testing.assert_close(leaf.grad, monai_leaf.grad, rtol=1e-5, atol=1e-8)
+
 
 @pytest.mark.parametrize("settings", [dict(), dict(kernel="gaussian", distance="l2", alpha=0.4),
                                       dict(kernel_size=5, alpha=1.0)], ids=["mean", "gaussian-l2", "mean5"])
@@ -581,6 +620,7 @@ def test_nacl_with_ignored_voxels_matches_naive(settings, shape):
     logits, labels = voxel_rows(z, y, ignore_index)
     torch.testing.assert_close(parts.terms["ce"], F.cross_entropy(logits, labels))
     torch.testing.assert_close(parts.terms["ce"] + parts.terms["neighbour_penalty"], parts.total)
+
 
 def test_ignored_neighbours_are_no_class_for_the_soft_targets():
     """All counted voxels are class 1: with ignored voxels (labelled 0 underneath) around, SVLS stays plain CE with
@@ -621,12 +661,14 @@ def test_ace_matches_naive(soft, num_bins, ignore_index, shape):
     assert_matches_naive(loss_fn, lambda leaf, labels: naive_ace(leaf, labels, num_bins, soft,
                                                                  ignore_index=ignore_index), z, y)
 
+
 def test_soft_ace_empty_weight_threshold():
     z, y = random_inputs((1, 3, 4, 5, 6), seed=11, scale=4.0)
     for empty_weight in (0.01, 0.5, 3.0):
         value = SoftL1ACELoss(empty_weight=empty_weight)(z, y)
         torch.testing.assert_close(value, naive_ace(z, y, soft=True, empty_weight=empty_weight))
     assert SoftL1ACELoss(empty_weight=3.0)(z, y) != SoftL1ACELoss()(z, y)
+
 
 @pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
 def test_ace_bins_follow_torch_bucketize_at_the_edges(soft):
@@ -646,6 +688,7 @@ def test_ace_bins_follow_torch_bucketize_at_the_edges(soft):
     torch.testing.assert_close(value, expected_value, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(gradient, expected_gradient, rtol=1e-5, atol=1e-7)
 
+
 @pytest.mark.parametrize("num_bins", [1, 2, 7, 20, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_ace_bin_index_is_torch_bucketize(num_bins, dtype):
@@ -658,6 +701,7 @@ def test_ace_bin_index_is_torch_bucketize(num_bins, dtype):
                        torch.tensor([0.0, 1.0])]).clamp(0, 1).to(dtype)
         index = _CountBelow(thresholds, dtype, torch.device("cpu"))(p)
         assert torch.equal(index, torch.bucketize(p, table.to(dtype), right=False))
+
 
 def test_ace_class_without_ground_truth_counts_as_zero():
     z, y = random_inputs((2, 3, 4, 4, 4), seed=12, scale=2.0)
@@ -691,6 +735,7 @@ def test_cals_matches_naive_penalty(ignore_index, shape):
     torch.testing.assert_close(parts.terms["ce"], F.cross_entropy(logits, labels))
     torch.testing.assert_close(parts.terms["ce"] + parts.terms["penalty"], parts.total)
 
+
 def epoch_batches(epoch, num_classes=4):
     """Validation batches of one epoch: class 1's logits rise and class 2's fall over the epochs, so their
     constraints move in opposite directions; two batches of different sizes."""
@@ -701,6 +746,7 @@ def epoch_batches(epoch, num_classes=4):
         z[:, 2] -= 0.3 * epoch
         batches.append((z, y))
     return batches
+
 
 @pytest.mark.parametrize("ignore_index", [None, 0])
 def test_cals_multiplier_updates_match_naive_over_epochs(ignore_index):
@@ -727,6 +773,7 @@ def test_cals_multiplier_updates_match_naive_over_epochs(ignore_index):
     assert changes and set(changes) <= {9, 19, 29}
     assert len(set(rho_history[-1].tolist())) > 1
 
+
 def test_cals_uses_the_multipliers_of_the_last_validation_and_keeps_them_in_the_state_dict():
     z, y = random_inputs((2, 4, 4, 4, 4), seed=14, scale=6.0)
     loss_fn = CALSLoss(4, margin=2.0)
@@ -745,11 +792,13 @@ def test_cals_uses_the_multipliers_of_the_last_validation_and_keeps_them_in_the_
     torch.testing.assert_close(restored(z, y), loss_fn(z, y))
     assert int(restored.validations) == 1
 
+
 def test_cals_without_observations_leaves_the_multipliers():
     loss_fn = CALSLoss(3)
     line = loss_fn.finish_validation()
     assert torch.all(loss_fn.lambdas == 1e-6) and torch.all(loss_fn.rhos == 1.0)
     assert "lambda mean 1e-06" in line
+
 
 def _cals_rank(rank, world_size, store_path, results_path):
     import torch.distributed as dist
@@ -762,8 +811,10 @@ def _cals_rank(rank, world_size, store_path, results_path):
     torch.save(loss_fn.state_dict(), f"{results_path}.{rank}")
     dist.destroy_process_group()
 
+
 def test_cals_update_pools_the_statistics_of_all_ranks(tmp_path):
-    """Two gloo ranks see one validation batch each (of different sizes): both get the pooled means."""
+    """Two gloo ranks see one validation batch each (of different sizes): both get the pooled means
+    (docs/methods.md 4g, "Differs from the released code")."""
     import torch.multiprocessing as mp
 
     mp.spawn(_cals_rank, args=(2, str(tmp_path / "store"), str(tmp_path / "state")), nprocs=2)
@@ -773,6 +824,13 @@ def test_cals_update_pools_the_statistics_of_all_ranks(tmp_path):
         state = torch.load(tmp_path / f"state.{rank}")
         torch.testing.assert_close(state["lambdas"], naive.lambdas, rtol=1e-12, atol=0)
         torch.testing.assert_close(state["previous_constraint"], naive.previous, rtol=1e-12, atol=0)
+    # the released code's mean of the ranks' means differs here: the two ranks count different numbers of voxels
+    per_rank = [NaiveCALSMultipliers(4, margin=2.0) for _ in range(2)]
+    for rank, multipliers in enumerate(per_rank):
+        multipliers.finish_epoch(epoch_batches(3)[rank::2])
+    mean_of_means = (per_rank[0].previous + per_rank[1].previous) / 2
+    assert not torch.allclose(mean_of_means, naive.previous, rtol=1e-3, atol=0)
+
 
 def test_cals_channel_count_must_match():
     z, y = random_inputs((1, 5, 2, 2, 2))

@@ -145,7 +145,8 @@ class OwnTermsTrainer(trainers.LossTermsTrainer):
 
 
 @pytest.mark.parametrize("terms, error, message", [
-    ({"x": (-1.0, losses.FocalLoss())}, ValueError, "term 'x' the weight -1.0; a term weight must be a finite number > 0"),
+    ({"x": (-1.0, losses.FocalLoss())}, ValueError,
+     "term 'x' the weight -1.0; a term weight must be a finite number > 0"),
     ({"x": (float("nan"), losses.FocalLoss())}, ValueError, "term 'x' the weight nan"),
     ({"x": (0.0, losses.FocalLoss())}, ValueError, "leave the term out to drop it"),
     ({"x": (1.0, nn.CrossEntropyLoss())}, TypeError,

@@ -88,7 +88,8 @@ class CALSLoss(SegmentationLoss):
     from that epoch's statistics (computed with the lambda and rho epoch e trained with), and on every
     `rho_step`-th call (epochs 10, 20, ... counting from 1) rho_k = clamp(rho_growth * rho_k, rho_min, rho_max)
     where mean_i h_ik > rho_tolerance * max(previous epoch's mean h_k, 0). Epoch e + 1 trains with the new values.
-    Under torch.distributed the sums and voxel counts are all-reduced first, so every rank gets the pooled means.
+    Under torch.distributed the sums and voxel counts are all-reduced first, so every rank gets the means over all
+    ranks' voxels (the released code averages per-rank means; docs/methods.md 4g, "Differs from the released code").
     Ignored voxels are left out of the statistics.
     """
 
