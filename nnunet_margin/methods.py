@@ -193,21 +193,21 @@ NACL = Method(
     variants={"nnUNetTrainerNACLDice": {"dice_weight": 1.0}},
     test_settings=({"alpha": 0.5}, {"alpha": 0.5, "kernel": "gaussian", "distance": "l2"}), neighbourhood=True)
 
+# mL1-ACE trains as the papers' bundles: nnU-Net's Dice, CE and the ACE term, a third each (docs/methods.md 4f).
+ACE_BUNDLE = {"term": "ace", "prefix": "ace", "weight": 1 / 3, "cross_entropy_weight": 1 / 3, "dice_weight": 1 / 3,
+              "compared_with": ("the released code's binning (cai4cai/Average-Calibration-Losses, torch.bucketize)",
+                                "loops over images, classes and bins with autograd")}
+
 HARD_L1ACE = Method(
-    name="hard_l1ace", term="ace", prefix="ace", loss=HardL1ACELoss, settings={"num_bins": 20}, parts=(),
-    trainer="nnUNetTrainerHardL1ACE", weight=1 / 3, cross_entropy_weight=1 / 3, dice_weight=1 / 3,
+    name="hard_l1ace", loss=HardL1ACELoss, settings={"num_bins": 20}, trainer="nnUNetTrainerHardL1ACE",
     summary="Marginal L1 average calibration error, hard binning (Barfoot et al., MICCAI 2024): nnU-Net's Dice + CE "
-            "+ mL1-ACE, a third each (docs/methods.md 4f).",
-    compared_with=("the released code's binning (cai4cai/Average-Calibration-Losses, torch.bucketize)",
-                   "loops over images, classes and bins with autograd"))
+            "+ mL1-ACE, a third each (docs/methods.md 4f).", **ACE_BUNDLE)
 
 SOFT_L1ACE = Method(
-    name="soft_l1ace", term="ace", prefix="ace", loss=SoftL1ACELoss, settings={"num_bins": 20, "empty_weight": 0.01},
-    parts=(), trainer="nnUNetTrainerSoftL1ACE", weight=1 / 3, cross_entropy_weight=1 / 3, dice_weight=1 / 3,
+    name="soft_l1ace", loss=SoftL1ACELoss, settings={"num_bins": 20, "empty_weight": 0.01},
+    trainer="nnUNetTrainerSoftL1ACE",
     summary="Marginal L1 average calibration error, soft binning (Barfoot et al., MICCAI 2024): nnU-Net's Dice + CE "
-            "+ mL1-ACE, a third each (docs/methods.md 4f).",
-    compared_with=("the released code's binning (cai4cai/Average-Calibration-Losses, torch.bucketize)",
-                   "loops over images, classes and bins with autograd"))
+            "+ mL1-ACE, a third each (docs/methods.md 4f).", **ACE_BUNDLE)
 
 CALS = Method(
     name="cals", loss=CALSLoss, context=("num_classes",),

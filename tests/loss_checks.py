@@ -22,15 +22,16 @@ from host_sync import counting_syncs
 NUM_CLASSES = 4
 
 
-def random_inputs(shape=(2, 5, 3, 4, 5), dtype=torch.float64, seed=0, scale=3.0, absent_class=None):
+def random_inputs(shape=(2, 5, 3, 4, 5), dtype=torch.float64, seed=0, scale=3.0, absent_class=None, ignored=None):
     """Logits (B, K, *spatial) of `scale` standard deviation and uniform labels (B, 1, *spatial); with
-    `absent_class`, that class has no voxel in the first image."""
+    `absent_class`, that class has no voxel in the first image; with `ignored`, a block of voxels and a few scattered
+    ones carry that label (`with_ignored_block`)."""
     generator = torch.Generator().manual_seed(seed)
     z = torch.randn(shape, generator=generator, dtype=dtype) * scale
     y = torch.randint(0, shape[1], (shape[0], 1, *shape[2:]), generator=generator)
     if absent_class is not None:
         y[0][y[0] == absent_class] = (absent_class + 1) % shape[1]
-    return z, y
+    return z, (y if ignored is None else with_ignored_block(y, ignored))
 
 
 def with_ignored_block(y, ignore_index):
@@ -74,9 +75,7 @@ def build(method: Method, settings: dict, ignore_index=None, num_classes=NUM_CLA
 
 def check_parts_are_named_detached_and_add_up(method, settings):
     for ignore_index in (None, 3):
-        z, y = random_inputs((2, NUM_CLASSES, 5, 4, 3), seed=30)
-        if ignore_index is not None:
-            y = with_ignored_block(y, ignore_index)
+        z, y = random_inputs((2, NUM_CLASSES, 5, 4, 3), seed=30, ignored=ignore_index)
         loss_fn = build(method, settings, ignore_index)
         parts = loss_fn.parts(z.clone().requires_grad_(), y)
         assert list(parts.terms) == (list(method.parts) or ["loss"])
@@ -87,9 +86,7 @@ def check_parts_are_named_detached_and_add_up(method, settings):
 
 def check_gradient_matches_finite_differences(method, settings):
     for ignore_index in (None, 3):
-        z, y = random_inputs((2, NUM_CLASSES, 3, 4, 5), seed=15)
-        if ignore_index is not None:
-            y = with_ignored_block(y, ignore_index)
+        z, y = random_inputs((2, NUM_CLASSES, 3, 4, 5), seed=15, ignored=ignore_index)
         assert_gradient_matches_finite_differences(build(method, settings, ignore_index), z, y, seed=16,
                                                    directions=4, rel=1e-6)
 
@@ -115,9 +112,8 @@ def check_float16_bfloat16_float32_float64_inputs_agree(method, settings):
 
 
 def check_ignored_voxels_get_no_loss_and_no_gradient(method, settings):
-    z, y = random_inputs((2, NUM_CLASSES, 5, 5, 4), seed=18)
     ignore_index = 255
-    y = with_ignored_block(y, ignore_index)
+    z, y = random_inputs((2, NUM_CLASSES, 5, 5, 4), seed=18, ignored=ignore_index)
     ignored = (y == ignore_index).expand_as(z)
     loss_fn = build(method, settings, ignore_index)
     value, gradient = value_and_gradient(loss_fn, z, y)
@@ -163,8 +159,7 @@ def cpu_chunk_bytes(budget: int):
 
 
 def check_chunked_passes_give_the_result_of_one_pass(method, settings):
-    z, y = random_inputs((1, NUM_CLASSES, 12, 11, 10), seed=22, scale=8.0)
-    y = with_ignored_block(y, 5)
+    z, y = random_inputs((1, NUM_CLASSES, 12, 11, 10), seed=22, scale=8.0, ignored=5)
     results = []
     for budget in (1 << 30, 4096):  # one chunk, then chunks of 128 voxels
         with cpu_chunk_bytes(budget):
@@ -244,9 +239,7 @@ def check_no_host_synchronisation(method, settings):
     """Forward, backward and validation statistics without and with an ignore label: no synchronising call (as
     the trainers use the losses, `check_inputs = False`); the input checks alone: none either (asynchronous)."""
     for ignore_index in (None, 2):
-        z, y = random_inputs((2, NUM_CLASSES, 5, 4, 3), dtype=torch.float32, seed=23)
-        if ignore_index is not None:
-            y = with_ignored_block(y, ignore_index)
+        z, y = random_inputs((2, NUM_CLASSES, 5, 4, 3), dtype=torch.float32, seed=23, ignored=ignore_index)
         loss = build(method, settings, ignore_index)
         loss.check_inputs = False
         leaf = z.clone().requires_grad_()

@@ -508,9 +508,7 @@ def test_focal_equals_monai_times_classes(gamma, shape):
 @pytest.mark.parametrize("ignore_index", [None, 1])
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_focal_matches_naive(gamma, ignore_index, shape):
-    z, y = random_inputs(shape, seed=4, scale=5.0)
-    if ignore_index is not None:
-        y = with_ignored_block(y, ignore_index)
+    z, y = random_inputs(shape, seed=4, scale=5.0, ignored=ignore_index)
     assert_matches_naive(FocalLoss(gamma, ignore_index=ignore_index),
                          lambda leaf, labels: naive_focal(leaf, labels, gamma, ignore_index), z, y)
 
@@ -519,9 +517,7 @@ def test_focal_matches_naive(gamma, ignore_index, shape):
 @pytest.mark.parametrize("ignore_index", [None, 2])
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_label_smoothing_equals_torch_cross_entropy(epsilon, ignore_index, shape):
-    z, y = random_inputs(shape, seed=2)
-    if ignore_index is not None:
-        y = with_ignored_block(y, ignore_index)
+    z, y = random_inputs(shape, seed=2, ignored=ignore_index)
     expected = lambda leaf, labels: F.cross_entropy(leaf, labels[:, 0], label_smoothing=epsilon,  # noqa: E731
                                                     ignore_index=-100 if ignore_index is None else ignore_index)
     assert_matches_naive(LabelSmoothingLoss(epsilon, ignore_index=ignore_index), expected, z, y)
@@ -531,9 +527,7 @@ def test_label_smoothing_equals_torch_cross_entropy(epsilon, ignore_index, shape
 @pytest.mark.parametrize("ignore_index", [None, 1])
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_confidence_penalty_matches_naive(beta, ignore_index, shape):
-    z, y = random_inputs(shape, seed=5)
-    if ignore_index is not None:
-        y = with_ignored_block(y, ignore_index)
+    z, y = random_inputs(shape, seed=5, ignored=ignore_index)
     loss_fn = ConfidencePenaltyLoss(beta, ignore_index=ignore_index)
     assert_matches_naive(loss_fn, lambda leaf, labels: naive_confidence_penalty(leaf, labels, beta, ignore_index),
                          z, y)
@@ -563,9 +557,7 @@ def test_svls_equals_released_code(sigma):
 @pytest.mark.parametrize("ignore_index", [None, 2])
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_svls_matches_naive(sigma, ignore_index, shape):
-    z, y = random_inputs(shape, seed=7)
-    if ignore_index is not None:
-        y = with_ignored_block(y, ignore_index)
+    z, y = random_inputs(shape, seed=7, ignored=ignore_index)
     assert_matches_naive(SVLSLoss(sigma, ignore_index=ignore_index),
                          lambda leaf, labels: naive_svls(leaf, labels, sigma, ignore_index), z, y)
 
@@ -605,9 +597,8 @@ def test_nacl_equals_monai(settings, shape):
 def test_nacl_with_ignored_voxels_matches_naive(settings, shape):
     from monai.networks.layers.convutils import gaussian_1d
 
-    z, y = random_inputs(shape, seed=8)
     ignore_index = 1
-    y = with_ignored_block(y, ignore_index)
+    z, y = random_inputs(shape, seed=8, ignored=ignore_index)
     loss_fn = NACLLoss(**settings, ignore_index=ignore_index)
     if loss_fn.kernel == "gaussian":
         taps = gaussian_1d(torch.tensor(loss_fn.sigma), truncated=4.0, approx="erf").double()
@@ -653,9 +644,7 @@ def test_ignored_neighbours_are_no_class_for_the_soft_targets():
 @pytest.mark.parametrize("ignore_index", [None, 2])
 @pytest.mark.parametrize("shape", [(2, 4, 5, 6, 3), (2, 3, 8, 9)], ids=SHAPE_IDS)
 def test_ace_matches_naive(soft, num_bins, ignore_index, shape):
-    z, y = random_inputs(shape, seed=10, scale=2.0, absent_class=1)
-    if ignore_index is not None:
-        y = with_ignored_block(y, ignore_index)
+    z, y = random_inputs(shape, seed=10, scale=2.0, absent_class=1, ignored=ignore_index)
     loss_fn = SoftL1ACELoss(num_bins, ignore_index=ignore_index) if soft else HardL1ACELoss(num_bins,
                                                                                           ignore_index=ignore_index)
     assert_matches_naive(loss_fn, lambda leaf, labels: naive_ace(leaf, labels, num_bins, soft,
@@ -719,9 +708,7 @@ def test_ace_class_without_ground_truth_counts_as_zero():
 @pytest.mark.parametrize("ignore_index", [None, 3])
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_cals_matches_naive_penalty(ignore_index, shape):
-    z, y = random_inputs(shape, seed=13, scale=8.0)
-    if ignore_index is not None:
-        y = with_ignored_block(y, ignore_index)
+    z, y = random_inputs(shape, seed=13, scale=8.0, ignored=ignore_index)
     num_classes = shape[1]
     loss_fn = CALSLoss(num_classes, margin=3.0, ignore_index=ignore_index)
     generator = torch.Generator().manual_seed(0)
