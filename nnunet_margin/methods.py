@@ -31,7 +31,7 @@ CONTEXT = ("num_classes", "counts")
 BASELINE_TRAINER = "nnUNetTrainerWithCalibration"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Method:
     """One calibration method: its loss, settings, terms, trainers and test references."""
 

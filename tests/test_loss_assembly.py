@@ -86,3 +86,9 @@ def test_deep_supervision_rejects_more_outputs_than_weights():
     outputs, targets = multiscale_inputs()
     with pytest.raises(ValueError, match="3 outputs and 3 targets for 2"):
         DeepSupervisedLoss(LossTerms(mbls=(1.0, MbLSLoss())), [0.5, 0.5])(outputs, targets)
+
+
+def test_loss_terms_are_segmentation_losses_only():
+    """A raw torch loss would get nnU-Net's (B, 1, ...) target unchecked and no ignore label."""
+    with pytest.raises(TypeError, match="term 'ce' a CrossEntropyLoss, which is no nnunet_margin.losses."):
+        LossTerms(ce=(1.0, torch.nn.CrossEntropyLoss()))

@@ -54,6 +54,7 @@ def test_every_loss_of_the_package_is_a_registry_method(name):
 @pytest.mark.parametrize("method", METHODS, ids=lambda method: method.name)
 def test_registry_entry_matches_its_loss(method):
     assert method.loss.__name__ in losses_package.__all__, f"{method.name}: export {method.loss.__name__}"
+    assert method.compared_with, f"{method.name}: say what the tests compare the loss against"
     builder = inspect.signature(method.builder or method.loss)
     arguments = {name: parameter for name, parameter in builder.parameters.items()
                  if parameter.kind is parameter.POSITIONAL_OR_KEYWORD and name != "ignore_index"}

@@ -136,16 +136,15 @@ class DeepSupervisedLoss(nn.Module):
 
 
 def assemble_loss(trainer, terms: dict[str, tuple[float, SegmentationLoss]]) -> DeepSupervisedLoss:
-    """The trainer's loss from named weighted terms, with nnU-Net's deep supervision when it is enabled; terms that
-    are not {name: (weight > 0, SegmentationLoss)} are refused with a message naming the trainer and the term.
+    """The trainer's loss from named weighted terms (checked by `check_terms`), with nnU-Net's deep supervision when
+    it is enabled.
 
     The terms' own value checks are switched off: the trainer checks labels once before training and the loss value
     that nnU-Net copies to the host every step.
     """
-    check_terms(f"{type(trainer).__name__}.loss_terms()", terms)
-    for _, loss in terms.values():
-        loss.check_inputs = False
     loss = LossTerms(**terms)
+    for term in loss.segmentation_losses():
+        term.check_inputs = False
     if not trainer.enable_deep_supervision:
         return DeepSupervisedLoss(loss, [1.0])
     num_outputs = _seams.deep_supervision_output_count(trainer)
