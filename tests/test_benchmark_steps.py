@@ -9,6 +9,7 @@ repeats.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -21,10 +22,9 @@ import numpy as np
 import pytest
 from process_checks import alive, descendants
 
-from nnunet_margin.calibration.comparison import CaseScores, compare_methods
 from nnunet_margin.nnunet.benchmark.command import _status_table
 from nnunet_margin.nnunet.benchmark.plan import Plan, Step, build_plan
-from nnunet_margin.nnunet.benchmark.report import spread_over_repeats
+from nnunet_margin.nnunet.benchmark.report import write_report
 from nnunet_margin.nnunet.benchmark.runners import BENCHMARK_MARKER, LocalExecutor, run_step
 from nnunet_margin.nnunet.benchmark.settings import Benchmark, BenchmarkSettings, default_name, identity_differences
 from nnunet_margin.nnunet.benchmark.settings import TestSet as HeldOutSet  # not a test class
@@ -271,16 +271,16 @@ def _fold(tmp_path: Path, plugin: bool) -> Path:
 def test_a_training_is_done_when_nnunet_validated_its_final_checkpoint(tmp_path):
     fold = _fold(tmp_path, plugin=True)
     sha = Hasher().sha256(fold / "checkpoint_final.pth")[0]
-    assert _fold_outputs(fold, True, True, Hasher()).fingerprint == {"checkpoint_final.pth": sha}
+    assert _fold_outputs(fold, "calibration.json", True, Hasher()).fingerprint == {"checkpoint_final.pth": sha}
     time.sleep(0.01)
     (fold / "checkpoint_final.pth").write_bytes(b"retrained")  # newer than its validation
-    assert "the checkpoint is not validated" in _fold_outputs(fold, False, False, Hasher()).reason
+    assert "the checkpoint is not validated" in _fold_outputs(fold, None, False, Hasher()).reason
     (fold / "validation" / "summary.json").write_text("{}")  # a validation by a trainer without the plugin's record
-    assert "does not vouch for calibration.json" in _fold_outputs(fold, True, False, Hasher()).reason
-    assert "not those of a complete validation" in _fold_outputs(fold, False, True, Hasher()).reason
-    assert _fold_outputs(fold, False, False, Hasher()).fingerprint is not None
+    assert "does not vouch for calibration.json" in _fold_outputs(fold, "calibration.json", False, Hasher()).reason
+    assert "not those of a complete validation" in _fold_outputs(fold, None, True, Hasher()).reason
+    assert _fold_outputs(fold, None, False, Hasher()).fingerprint is not None
     (fold / "checkpoint_final.pth").unlink()
-    assert _fold_outputs(fold, False, False, Hasher()).reason.endswith("the fold is not trained")
+    assert _fold_outputs(fold, None, False, Hasher()).reason.endswith("the fold is not trained")
 
 
 # --- the plan, the identity and the report's statistics -----------------------------------------------------------
@@ -329,23 +329,45 @@ def test_the_identity_names_the_folder_and_says_what_changed(tmp_path):
         tmp_path / "results" / "Dataset001_X" / "calibration_benchmarks" / benchmark.name
 
 
-def test_the_spread_over_repeats_is_the_comparison_of_per_repeat_means():
+def _calibration_report(folder: Path, dice: dict[str, float], ece: dict[str, float]) -> None:
+    """A calibration.json of the cases in `dice` (one foreground class)."""
+    folder.mkdir(parents=True)
+    (folder / "calibration.json").write_text(json.dumps({"class_names": ["background", "organ"], "metric_per_case": {
+        case: {"foreground": {"ece": ece[case], "classwise_ece": ece[case] / 2, "class_ece": [ece[case], ece[case]]},
+               "segmentation": {"dice": {"organ": dice[case]}, "hd95": {"organ": 2.0}, "asd": {"organ": 1.0}}}
+        for case in dice}}))
+
+
+def test_the_reports_spread_over_repeats_is_the_comparison_of_the_per_repeat_means(tmp_path):
+    """The run-to-run spread comes from the comparison package: mean and sample standard deviation of each method's
+    per-repeat means."""
     rng = np.random.default_rng(0)
-    per_repeat = {}
+    cases = ["case_0", "case_1", "case_2"]
+    folders, means = {}, {"A": [], "B": []}
     for repeat in ("1", "2", "3"):
-        scores = {method: {f"case_{case}": {"dice": float(rng.uniform()), "ece": float(rng.uniform()),
-                                            "hd95": float(rng.uniform(1, 9)), "asd": 1.0, "classwise_ece": 0.1}
-                           for case in range(4)} for method in ("A", "B")}
-        per_repeat[repeat] = compare_methods(CaseScores.from_nested(scores))
-    spread = spread_over_repeats(per_repeat)
-    for method in ("A", "B"):
-        for metric in ("dice", "ece", "hd95"):
-            means = [comparison.mean[comparison.methods.index(method), comparison.metrics.index(metric)]
-                     for comparison in per_repeat.values()]
-            row, column = spread.methods.index(method), spread.metrics.index(metric)
-            assert spread.mean[row, column] == pytest.approx(np.mean(means))
-            assert spread.std[row, column] == pytest.approx(np.std(means, ddof=1))
-            assert spread.num_cases[row, column] == 3
+        folders[repeat] = {}
+        for method in means:
+            dice = {case: float(rng.uniform()) for case in cases}
+            folders[repeat][method] = str(tmp_path / repeat / method)
+            _calibration_report(tmp_path / repeat / method / "fold_0" / "validation", dice,
+                                {case: float(rng.uniform(0, 0.2)) for case in cases})
+            means[method].append(np.mean(list(dice.values())))
+    step = Step("report", "report", [], {"type": "folder", "folder": str(tmp_path / "report")},
+                {"dataset": "Dataset001_X", "configuration": "3d_fullres", "plans": "P", "trainers": ["A", "B"],
+                 "folds": ["0"], "repeats": 3, "post_hoc": [], "baseline": None}, action="report",
+                arguments={"cross_validation": folders, "test": {}, "temperatures": {}, "description": "report"})
+    plan = save_plan(tmp_path, [step])
+    (plan.folder / "benchmark.json").write_text(json.dumps({"versions": {"nnunet-margin": "test"}}))
+    write_report(plan, step, tmp_path / "report")
+    rows = {row["method"]: row for row in csv.DictReader(
+        (tmp_path / "report" / "spread" / "cross-validation" / "table.csv").open())}
+    for method, values in means.items():
+        assert float(rows[method]["dice_mean"]) == pytest.approx(np.mean(values))
+        assert float(rows[method]["dice_std"]) == pytest.approx(np.std(values, ddof=1))
+        assert rows[method]["dice_n"] == "3"
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## Run-to-run spread (cross-validation)" in report and "mean ± standard deviation over repeats" in report
+    assert report.count("## Cross-validation (repeat ") == 3
 
 
 def test_every_process_of_a_step_is_marked_with_its_benchmark(tmp_path):

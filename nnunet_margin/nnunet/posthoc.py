@@ -26,7 +26,7 @@ import torch
 from .._atomic import write_json_atomic
 from ..calibration.affine import AffineCalibration, fit_affine_calibration, logit_calibration_metrics
 from ..calibration.logit_sample import LabelledLogits, LogitSample
-from . import _seams
+from . import _seams, layout
 from .calibration_report import json_value
 from .layout import FINAL_CHECKPOINT, TrainedModel
 from .provenance import PROVENANCE_FILE, check_sample_current
@@ -52,9 +52,9 @@ def revalidate(model: TrainedModel, fold_folder: Path, device: torch.device) -> 
     if not issubclass(trainer_class, nnUNetTrainerWithCalibration):
         # the same name, so nnU-Net's output folder is the model's own
         trainer_class = type(model.trainer, (nnUNetTrainerWithCalibration, trainer_class), {})
-    plans = json.loads((Path(preprocessed) / model.dataset_name / f"{model.plans}.json").read_text())
-    dataset_json = json.loads((Path(preprocessed) / model.dataset_name / "dataset.json").read_text())
-    fold = fold_folder.name.removeprefix("fold_")
+    plans = json.loads(layout.plans_file(Path(preprocessed) / model.dataset_name, model.plans).read_text())
+    dataset_json = json.loads((Path(preprocessed) / model.dataset_name / layout.DATASET_FILE).read_text())
+    fold = layout.fold_of(fold_folder)
     print(f"{fold_folder.name}: running nnU-Net's validation again with the calibration hook (no current "
           f"{LOGIT_SAMPLE_FILE})", flush=True)
     trainer = _seams.validation_trainer(trainer_class, plans, model.configuration, fold, dataset_json, device)
@@ -63,13 +63,13 @@ def revalidate(model: TrainedModel, fold_folder: Path, device: torch.device) -> 
 
 
 def _refresh_command(model: TrainedModel, fold_folder: Path) -> str:
-    return (f"nnunet-margin fit-calibration {model.folder} -f {fold_folder.name.removeprefix('fold_')} "
+    return (f"nnunet-margin fit-calibration {model.folder} -f {layout.fold_of(fold_folder)} "
             f"--revalidate")
 
 
 def fold_sample(model: TrainedModel, fold_folder: Path, revalidate_first: bool, device: torch.device) -> LogitSample:
     """The fold's current logit sample, running its validation again where it is missing (or when asked)."""
-    sample_file = fold_folder / "validation" / LOGIT_SAMPLE_FILE
+    sample_file = layout.validation_folder(fold_folder) / LOGIT_SAMPLE_FILE
     if revalidate_first or not sample_file.is_file():
         revalidate(model, fold_folder, device)
         if not sample_file.is_file():
@@ -120,7 +120,8 @@ def fit_fold(fold_folder: Path, sample: LogitSample, method: str, scope: str, he
         "num_fit_voxels": fit.num_voxels,
         "calibration": calibration.to_dict(),
         "held_out": measured,
-        "checkpoint_sha256": json.loads((fold_folder / "validation" / PROVENANCE_FILE).read_text())["sha256"],
+        "checkpoint_sha256": json.loads((layout.validation_folder(fold_folder) / PROVENANCE_FILE).read_text()
+                                        )["sha256"],
     }
     write_json_atomic(fold_folder / CALIBRATION_MAP_FILE, record)
     return record
@@ -138,7 +139,7 @@ def fit_model_calibration(model_folder, method: str, folds=None, scope: str = "c
                          f"held-out metrics also report in the foreground scope")
     model = TrainedModel.load(model_folder)
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    from .calibration_report import load_dataset_info
+    from .prediction_folder import load_dataset_info
 
     class_names = load_dataset_info(model.folder).class_names
     records = {}
@@ -153,7 +154,7 @@ def read_calibration_map(fold_folder: Path) -> AffineCalibration:
     from .provenance import file_sha256
 
     path = fold_folder / CALIBRATION_MAP_FILE
-    fit_command = f"nnunet-margin fit-calibration {fold_folder.parent} -f {fold_folder.name.removeprefix('fold_')}"
+    fit_command = f"nnunet-margin fit-calibration {fold_folder.parent} -f {layout.fold_of(fold_folder)}"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run `{fit_command} --method vector` (or temperature, matrix) "
                                 f"first, or export without --calibration")

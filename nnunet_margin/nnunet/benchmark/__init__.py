@@ -7,7 +7,7 @@ compare them, in one resumable command whose report always describes what it ran
 - `state`: each step's record of the inputs it consumed and the outputs it wrote (a step is done when they are
   current), and the locks (one runner per benchmark, one writer per model fold);
 - `runners`: one step in its own process (what every executor runs), and the local executor;
-- `report`: the report, its statistics from `nnunet_margin.calibration.comparison`;
+- `report`: the report, its statistics from `nnunet_margin.comparison`;
 - `command`: the command itself (`run_benchmark`, `--dry-run`, `--status`).
 
 This package imports no nnU-Net and no torch at import time: a step's process only reads plan.json.

@@ -31,13 +31,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..._atomic import write_json_atomic
-from ..layout import FINAL_CHECKPOINT, fold_folder_name, model_folder_name
+from ..layout import FINAL_CHECKPOINT, fold_folder_name, model_folder_name, validation_folder
 from .settings import LOCKS_FOLDER, Benchmark
 
 PLAN_FILE = "plan.json"
 REPORT_FOLDER = "report"
 SUMMARY_FILE = "summary.md"  # in REPORT_FOLDER: the main tables, which `benchmark` prints at the end
-TEMPERATURE_FILE = "temperature.json"
 
 
 @dataclass
@@ -120,9 +119,14 @@ def build_plan(benchmark: Benchmark) -> Plan:
 
 class _Builder:
     def __init__(self, benchmark: Benchmark):
+        # the file names the commands write (their modules import torch, which a step's process does not need)
+        from ..calibration_report import REPORT_FILE
+        from ..temperature import TEMPERATURE_FILE
+
         self.benchmark = benchmark
         self.settings = benchmark.settings
         self.folder = benchmark.folder
+        self.report_file, self.temperature_file = REPORT_FILE, TEMPERATURE_FILE
 
     def plan(self) -> Plan:
         settings = self.settings
@@ -192,7 +196,7 @@ class _Builder:
         return self._step(
             self._fold_id(trainer, fold, repeat, "train"), "train", [],
             {"type": "fold", "folder": str(self.fold_folder(trainer, fold, repeat)),
-             "calibration_report": self.benchmark.plugin[trainer], "npz": bool(npz)},
+             "calibration_report": self.report_file if self.benchmark.plugin[trainer] else None, "npz": bool(npz)},
             {"dataset": self.benchmark.dataset_name, "configuration": settings.configuration, "plans": settings.plans,
              "trainer": trainer, "fold": fold}, repeat,
             command=base + ["--c", *device, *npz], validate_command=base + ["--val", *device, *npz],
@@ -200,18 +204,18 @@ class _Builder:
 
     def cross_validation(self, repeat: int, trainer: str, fold: str) -> Step:
         fold_folder = self.fold_folder(trainer, fold, repeat)
-        output = self.repeat_folder(repeat) / "cross_validation" / trainer / fold_folder_name(fold) / "validation"
+        output = validation_folder(self.repeat_folder(repeat) / "cross_validation" / trainer / fold_folder_name(fold))
         common = dict(needs=[self._fold_id(trainer, fold, repeat, "train")],
                       output={"type": "folder", "folder": str(output)})
         step_id = self._fold_id(trainer, fold, repeat, "cross-validation")
         if self.benchmark.plugin[trainer]:
-            source = fold_folder / "validation" / "calibration.json"
+            source = validation_folder(fold_folder) / self.report_file
             return self._step(step_id, "collect", settings={"trainer": trainer, "fold": fold, "report": "trainer's"},
                               repeat=repeat, action="collect", **common, arguments={
                                   "source": str(source), "checkpoint": str(fold_folder / FINAL_CHECKPOINT),
                                   "description": f"copy {source}, the plugin trainer's report of its validation, "
                                                  f"checked against {FINAL_CHECKPOINT}, to {output}"})
-        command = ["nnunet-margin", "calibration", str(fold_folder / "validation"), str(self.benchmark.gt_folder),
+        command = ["nnunet-margin", "calibration", str(validation_folder(fold_folder)), str(self.benchmark.gt_folder),
                    "-o", str(output)]
         return self._step(step_id, "evaluate", settings={"trainer": trainer, "fold": fold, "report": "calibration"},
                           repeat=repeat, command=command, **common)
@@ -221,7 +225,7 @@ class _Builder:
         return self._step(
             self._fold_id(trainer, fold, repeat, "fit-temperature"), "fit-temperature",
             [self._fold_id(trainer, fold, repeat, "train")],
-            {"type": "files", "files": [str(fold_folder / TEMPERATURE_FILE)]},
+            {"type": "files", "files": [str(fold_folder / self.temperature_file)]},
             {"trainer": trainer, "fold": fold, "scope": "foreground"}, repeat,
             command=["nnunet-margin", "fit-temperature", str(fold_folder.parent), "-f", fold],
             locks=[self.fold_lock(trainer, fold, repeat)])
@@ -289,7 +293,7 @@ class _Builder:
         temperatures = {}
         if "temperature" in settings.post_hoc:
             temperatures = {str(repeat): {trainer: {fold: str(self.fold_folder(trainer, fold, repeat)
-                                                              / TEMPERATURE_FILE) for fold in settings.folds}
+                                                              / self.temperature_file) for fold in settings.folds}
                                           for trainer in settings.trainers} for repeat in repeats}
         needs = [step.id for step in steps if step.kind in ("collect", "evaluate", "fit-temperature")]
         return self._step("report", "report", needs, {"type": "folder", "folder": str(self.folder / REPORT_FOLDER)},

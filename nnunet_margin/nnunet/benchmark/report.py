@@ -4,7 +4,7 @@ Per repeat, `nnunet-margin compare`'s tables of the cross-validation (each train
 the test set (each method's fold ensemble); the fitted temperatures; with several repeats, the run-to-run spread:
 the comparison of the methods' per-repeat means, each repeat counted as one case (mean ± standard deviation over
 repeats, confidence intervals and ranks as for cases); and every step's command. Every statistic comes from
-`nnunet_margin.calibration.comparison`.
+`nnunet_margin.comparison`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import json
 import shutil
 from pathlib import Path
 
-from ...calibration.comparison import CaseScores, Comparison, compare_methods, csv_table, markdown_table
-from ..compare import compare, printed_table, write_comparison
+from ...comparison import Comparison, compare_methods, csv_table, markdown_table, repeats_as_cases
+from ..compare_reports import compare, printed_table, write_comparison
 from .plan import SUMMARY_FILE, Plan, Step
 from .settings import IDENTITY_FILE
 
@@ -87,18 +87,8 @@ def _temperature_section(temperatures: dict[str, dict[str, dict[str, str]]]) -> 
             "so check such models before trusting their +temperature row.\n\n" + "\n".join(rows) + "\n")
 
 
-def spread_over_repeats(comparisons: dict[str, Comparison]) -> Comparison:
-    """The comparison of the methods' per-repeat means, each repeat one case (so `std` is the run-to-run standard
-    deviation)."""
-    first = next(iter(comparisons.values()))
-    means = {method: {f"repeat {repeat}": {metric: float(comparison.mean[comparison.methods.index(method), k])
-                                             for k, metric in enumerate(comparison.metrics)}
-                      for repeat, comparison in comparisons.items()} for method in first.methods}
-    return compare_methods(CaseScores.from_nested(means, dict(first.directions)))
-
-
 def _spread_section(title: str, comparisons: dict[str, Comparison], folder: Path) -> str:
-    spread = spread_over_repeats(comparisons)
+    spread = compare_methods(repeats_as_cases(list(comparisons.values())))
     folder.mkdir(parents=True)
     (folder / "table.csv").write_text(csv_table(spread))
     metrics = [metric for metric in SPREAD_METRICS if metric in spread.metrics]

@@ -18,7 +18,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..layout import channel_count, planned_plans, plans_file, raw_images, raw_labels
+from ..layout import (DATASET_FILE, cases_with_suffix, channel_count, gt_segmentations_folder, planned_plans,
+                      plans_file, raw_images)
 
 POST_HOC_METHODS = ("temperature",)
 BENCHMARKS_FOLDER = "calibration_benchmarks"  # in $nnUNet_results/DATASET
@@ -77,7 +78,8 @@ class TestSet:
             if not folder.is_dir():
                 raise FileNotFoundError(f"{argument} {folder} is not a folder: pass the folder of the held-out "
                                         f"{'images (imagesTs layout)' if argument == '--test-images' else 'labels'}")
-        image_cases, label_cases = raw_images(images, file_ending), raw_labels(labels, file_ending)
+        image_cases = raw_images(images, file_ending)
+        label_cases = {case: case + file_ending for case in cases_with_suffix(labels, file_ending)}
         if not image_cases:
             raise FileNotFoundError(f"--test-images {images} holds no images CASE_XXXX{file_ending}: pass a folder in "
                                     f"nnU-Net's imagesTs layout")
@@ -166,7 +168,7 @@ class Benchmark:
 
     @property
     def gt_folder(self) -> Path:
-        return self.preprocessed / "gt_segmentations"
+        return gt_segmentations_folder(self.preprocessed)
 
     def results_root(self, repeat: int) -> Path:
         """nnUNet_results of a repeat's trainings: nnU-Net's own for the first, a shared root for the others."""
@@ -203,7 +205,7 @@ def resolve(settings: BenchmarkSettings) -> Benchmark:
     plugin = {trainer: _is_plugin_trainer(trainer) for trainer in settings.trainers}
     test_set = None
     if settings.test_images is not None:
-        dataset_json = json.loads((preprocessed / "dataset.json").read_text())
+        dataset_json = json.loads((preprocessed / DATASET_FILE).read_text())
         test_set = TestSet.read(Path(settings.test_images), Path(settings.test_labels), dataset_json["file_ending"],
                                 channel_count(dataset_json))
     benchmark = Benchmark(settings, dataset_name, Path(results), preprocessed, plugin, test_set, "")

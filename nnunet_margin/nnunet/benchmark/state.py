@@ -34,13 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..._atomic import write_json_atomic
-from ..layout import FINAL_CHECKPOINT
+from ..layout import FINAL_CHECKPOINT, PROBABILITIES_SUFFIX, SUMMARY_FILE, validation_folder
+from ..provenance import PROVENANCE_FILE, file_sha256
 from .plan import Plan, Step
 from .settings import file_listing
 
 STATE_FOLDER = "state"
 LOCK_FILE = "lock"
-PROVENANCE_FILE = "provenance.json"  # as nnunet.provenance writes it
 
 
 def record_path(plan: Plan, step: Step) -> Path:
@@ -81,11 +81,7 @@ class Hasher:
         status = path.stat()
         key = (str(path), status.st_size, status.st_mtime_ns)
         if key not in self.known:
-            digest = hashlib.sha256()
-            with open(path, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-            self.known[key] = digest.hexdigest()
+            self.known[key] = file_sha256(path)
         return self.known[key], [status.st_size, status.st_mtime_ns, self.known[key]]
 
 
@@ -124,29 +120,31 @@ def output_fingerprint(step: Step, hasher: Hasher, location: Path | None = None)
     return _fold_outputs(Path(output["folder"]), output["calibration_report"], output["npz"], hasher)
 
 
-def _fold_outputs(fold: Path, calibration_report: bool, npz: bool, hasher: Hasher) -> Outputs:
-    """A training's outputs: complete once nnU-Net has trained the fold and validated that checkpoint."""
+def _fold_outputs(fold: Path, calibration_report: str | None, npz: bool, hasher: Hasher) -> Outputs:
+    """A training's outputs: complete once nnU-Net has trained the fold and validated that checkpoint (and the
+    plugin's validation wrote `calibration_report`, or nnU-Net's the probabilities, where asked)."""
     checkpoint = fold / FINAL_CHECKPOINT
     if not checkpoint.is_file():
         return Outputs(None, f"{checkpoint} is not there: the fold is not trained")
-    validation = fold / "validation"
-    summary = validation / "summary.json"
+    validation = validation_folder(fold)
+    summary = validation / SUMMARY_FILE
     if not summary.is_file() or summary.stat().st_mtime_ns < checkpoint.stat().st_mtime_ns:
         return Outputs(None, f"{summary} is missing or older than {FINAL_CHECKPOINT}: the checkpoint is not validated")
     sha, entry = hasher.sha256(checkpoint)
     if calibration_report:
         record = read_json(validation / PROVENANCE_FILE) or {}
-        report = validation / "calibration.json"
+        report = validation / calibration_report
         if record.get("sha256") != sha or not report.is_file() or \
                 report.stat().st_mtime_ns > (validation / PROVENANCE_FILE).stat().st_mtime_ns:
             return Outputs(None, f"{validation / PROVENANCE_FILE} does not vouch for {report.name} of the current "
                                  f"{FINAL_CHECKPOINT}: its validation is missing, unfinished or of another model")
     if npz:
-        written = [path.stat().st_mtime_ns for path in validation.glob("*.npz")]
+        written = [path.stat().st_mtime_ns for path in validation.glob(f"*{PROBABILITIES_SUFFIX}")]
         if not written or min(written) < checkpoint.stat().st_mtime_ns or \
                 max(written) > summary.stat().st_mtime_ns:
-            return Outputs(None, f"the .npz probabilities in {validation} are missing, older than {FINAL_CHECKPOINT} "
-                                 f"or newer than summary.json: they are not those of a complete validation of it")
+            return Outputs(None, f"the probabilities ({PROBABILITIES_SUFFIX}) in {validation} are missing, older than "
+                                 f"{FINAL_CHECKPOINT} or newer than {SUMMARY_FILE}: they are not those of a complete "
+                                 f"validation of it")
     return Outputs({FINAL_CHECKPOINT: sha}, cache={FINAL_CHECKPOINT: entry})
 
 
