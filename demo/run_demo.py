@@ -114,7 +114,8 @@ def benchmark(device: str) -> None:
         env={**env, "nnUNet_n_proc_DA": "0", "NNUNET_MARGIN_DEMO_EPOCHS": os.environ.get(
             "NNUNET_MARGIN_DEMO_EPOCHS", "5"), "NNUNET_MARGIN_DEMO_ITERATIONS": os.environ.get(
             "NNUNET_MARGIN_DEMO_ITERATIONS", "10")}, show_all=True)
-    print(f"\nReport: {OUTPUT / 'nnUNet_results' / raw.name / 'calibration_benchmarks' / 'demo' / 'report' / 'report.md'}")
+    report = OUTPUT / "nnUNet_results" / raw.name / "calibration_benchmarks" / "demo" / "report" / "report.md"
+    print(f"\nReport: {report}")
 
 
 def main() -> None:

@@ -229,7 +229,7 @@ def test_two_benchmarks_never_write_a_shared_fold_at_once(tmp_path):
     runners = []
     for name in ("first", "second"):
         root = tmp_path / name
-        plan = save_plan(root, [stand_in(root, "train", "timed", "1.5", locks=[shared])])
+        plan = save_plan(root, [stand_in(root, "train", "timed", "0.5", locks=[shared])])
         runners.append((plan, subprocess.Popen([sys.executable, "-c", DRIVER, str(plan.folder)])))
     intervals = []
     for plan, runner in runners:

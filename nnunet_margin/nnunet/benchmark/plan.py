@@ -275,9 +275,10 @@ class _Builder:
         folder = self.test_folder(repeat, trainer, post_hoc)
         command = ["nnunet-margin", "calibration", str(folder / "predictions"),
                    str(self.benchmark.test_set.labels), "-o", str(folder / "evaluation")]
-        return self._step(f"repeat_{repeat}/{method}/test-evaluation", "evaluate", [f"repeat_{repeat}/{method}/predict"],
-                          {"type": "folder", "folder": str(folder / "evaluation")}, {"method": method}, repeat,
-                          command=command, data=["test_labels"])
+        output = {"type": "folder", "folder": str(folder / "evaluation")}
+        needs = [f"repeat_{repeat}/{method}/predict"]
+        return self._step(f"repeat_{repeat}/{method}/test-evaluation", "evaluate", needs, output, {"method": method},
+                          repeat, command=command, data=["test_labels"])
 
     def report(self, steps: list[Step]) -> Step:
         settings = self.settings

@@ -82,9 +82,9 @@ def _temperature_section(temperatures: dict[str, dict[str, dict[str, str]]]) -> 
                 record = json.loads(Path(path).read_text())
                 rows.append(f"| {trainer} | {repeat} | {fold} | {record['temperature']:.4g} | "
                             f"{record.get('at_bound') or 'no'} |")
-    return ("## Fitted temperatures\n\nOne per fold, on its validation probabilities; a temperature at the search bound "
-            "(a model worse than uniform on these voxels, or degenerate probabilities) is folded in all the same here, "
-            "so check such models before trusting their +temperature row.\n\n" + "\n".join(rows) + "\n")
+    return ("## Fitted temperatures\n\nOne per fold, on its validation probabilities; a temperature at the search "
+            "bound (a model worse than uniform on these voxels, or degenerate probabilities) is folded in all the same "
+            "here, so check such models before trusting their +temperature row.\n\n" + "\n".join(rows) + "\n")
 
 
 def _spread_section(title: str, comparisons: dict[str, Comparison], folder: Path) -> str:

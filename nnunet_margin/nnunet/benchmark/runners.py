@@ -135,8 +135,8 @@ class _StepProcess:
     def _fail(self, message: str, code: int) -> int:
         print(message, flush=True)
         write_json_atomic(failure_path(self.plan, self.step),
-                          {"step": self.step.id, "exit_code": code, "message": message, "log": str(self.plan.log(self.step)),
-                           "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+                          {"step": self.step.id, "exit_code": code, "message": message,
+                           "log": str(self.plan.log(self.step)), "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
         return code
 
     def _execute(self, staging: Path | None, lock_fds: list[int]) -> int:
@@ -294,9 +294,9 @@ class LocalExecutor:
         if slot is not None:
             environment["CUDA_VISIBLE_DEVICES"] = slot
         with open(log, "w") as output:
-            process = subprocess.Popen([sys.executable, "-m", __name__, str(self.plan.folder), step.id], env=environment,
-                                       stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       pass_fds=(self.lock.fd,), start_new_session=True)
+            process = subprocess.Popen([sys.executable, "-m", __name__, str(self.plan.folder), step.id],
+                                       env=environment, stdout=output, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, pass_fds=(self.lock.fd,), start_new_session=True)
         self.running[slot] = (step, process, time.time())
         self.attempted.add(step.id)
         where = f" (GPU {slot})" if slot is not None else ""
