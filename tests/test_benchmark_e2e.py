@@ -34,7 +34,8 @@ from process_checks import alive, descendants, processes_with
 
 pytestmark = pytest.mark.e2e
 
-TRAINERS = ["nnUNetTrainerMbLS_demo", "nnUNetTrainer_demo"]
+NNUNET, PLUGIN = "nnUNetTrainer_demo", "nnUNetTrainerMbLS_demo"  # nnU-Net's own trainer and a plugin trainer
+TRAINERS = [NNUNET, PLUGIN]
 BENCHMARKS = Path(DATASET_NAME) / "calibration_benchmarks"
 
 
@@ -116,9 +117,9 @@ def test_dry_run_lists_every_step_after_the_steps_it_waits_for(setup, tmp_path):
             assert dict((s, w) for s, w, _ in steps)[f"repeat_{repeat}/{trainer}+temperature/predict"] == \
                 [numbers[export]]
     commands = dict((step, command) for step, _, command in steps)
-    assert commands[f"repeat_1/{TRAINERS[1]}/fold_0/train"] == (
+    assert commands[f"repeat_1/{NNUNET}/fold_0/train"] == (
         f"nnUNetv2_train {DATASET_NAME} 3d_fullres 0 -tr nnUNetTrainer_demo -p nnUNetPlans --c -device cpu --npz")
-    assert "--npz" in commands[f"repeat_1/{TRAINERS[0]}/fold_0/train"]  # fit-temperature reads the probabilities
+    assert "--npz" in commands[f"repeat_1/{PLUGIN}/fold_0/train"]  # fit-temperature reads the probabilities
     assert commands["repeat_2/nnUNetTrainer_demo/fold_0/train"].startswith(
         f"nnUNet_results={tmp_path / 'results' / BENCHMARKS / '_trainings' / 'repeat_2'} nnUNetv2_train")
     assert "--continue_prediction" not in out and "--overwrite" not in out
@@ -192,12 +193,12 @@ def test_the_resumed_benchmark_runs_what_the_dry_run_listed_once_and_reports(fir
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-3000:]
     assert "[1/" in resumed.stdout and "done" in resumed.stdout
     planned = [command for _, _, command in planned_steps(first_benchmark["dry_run"])]
-    assert planned[0].startswith(f"nnUNetv2_train {DATASET_NAME} 3d_fullres 0 -tr nnUNetTrainerMbLS_demo")
     assert f"nnUNetv2_train {DATASET_NAME} 3d_fullres 0 -tr nnUNetTrainer_demo -p nnUNetPlans --c -device cpu --npz" \
-        == planned[1]  # nnU-Net's own trainer exports its validation probabilities
+        == planned[0]  # nnU-Net's own trainer exports its validation probabilities
+    assert planned[1].startswith(f"nnUNetv2_train {DATASET_NAME} 3d_fullres 0 -tr nnUNetTrainerMbLS_demo")
     executed = list(dict.fromkeys((folder / "commands.log").read_text().splitlines()))  # rerun steps once
     assert executed == planned
-    assert "nnUNetTrainerMbLS_demo/fold_0/train: done" in resumed.stdout  # the killed training is redone
+    assert f"{NNUNET}/fold_0/train: done" in resumed.stdout  # the killed training is redone
 
     for name in ("report/report.md", "report/table.csv", "report/table.tex", "report/compare.png", "benchmark.json"):
         assert (folder / name).stat().st_size > 0, name

@@ -13,7 +13,8 @@ PR_SET_PDEATHSIG, also when the executor is killed with SIGKILL), and each comma
 
 The local executor (`LocalExecutor`) holds the benchmark's lock (passed on to every step's process and command, so an
 orphaned step keeps the benchmark locked), starts each step whose needs are done in a slot (one per `--gpus` entry,
-or one), and passes SIGINT, SIGTERM and SIGHUP on to the steps, which stop before it exits.
+or one), and passes SIGINT, SIGTERM and SIGHUP on to the steps, which stop before it exits. Actions of this package
+(copying a report, writing the report) need no process of their own: it runs them itself, the same way.
 """
 
 from __future__ import annotations
@@ -245,6 +246,7 @@ class LocalExecutor:
         self.hasher = Hasher()
         self.running: dict[str | None, tuple[Step, subprocess.Popen, float]] = {}
         self.attempted: set[str] = set()
+        self.finished_here: list[tuple[Step, int, float]] = []  # actions run in this process, not yet reported
         self.failed: dict[str, str] = {}
         self.finished = 0
 
@@ -254,12 +256,13 @@ class LocalExecutor:
         try:
             states = evaluate(self.plan, self.hasher)
             while True:
-                self._start_ready(states)
-                if not self.running:
+                started = self._start_ready(states)
+                if self.running:
+                    self._wait_for_one()
+                elif not started:
                     break
-                self._wait_for_one()
                 states = evaluate(self.plan, self.hasher)
-                self._check_finished(states)
+                self._report_finished(states)
         except KeyboardInterrupt:
             self._stop_all()
             raise
@@ -275,20 +278,35 @@ class LocalExecutor:
     def _total(self, states: dict[str, StepState]) -> int:
         return self.finished + sum(not state.done for state in states.values())
 
-    def _start_ready(self, states: dict[str, StepState]) -> None:
+    def _start_ready(self, states: dict[str, StepState]) -> bool:
+        """Start the steps whose needs are done, one per free slot (actions run here at once); whether any
+        started."""
         running = {step.id for step, _, _ in self.running.values()}
         ready = [step for step in self.plan.steps if not states[step.id].done and not states[step.id].waits_for
                  and step.id not in self.attempted and step.id not in running]
-        for slot in [slot for slot in self.slots if slot not in self.running]:
-            if not ready:
-                return
-            self._start(ready.pop(0), slot, states)
+        for step in [step for step in ready if step.action is not None]:
+            self._run_here(step, states)
+        commands = [step for step in ready if step.action is None]
+        free = [slot for slot in self.slots if slot not in self.running]
+        for step, slot in zip(commands, free):
+            self._start(step, slot, states)
+        return bool(ready)
 
-    def _start(self, step: Step, slot: str | None, states: dict[str, StepState]) -> None:
+    def _announce(self, step: Step, slot: str | None, states: dict[str, StepState]) -> Path:
+        """Log the command and print that it runs; returns its log."""
+        self.attempted.add(step.id)
         log = self.plan.log(step)
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.plan.folder / "commands.log", "a") as commands:
             commands.write(step.display(self.plan.results, step.current_command()) + "\n")
+        where = f" (GPU {slot})" if slot is not None else ""
+        print(f"[{self.finished + len(self.running) + 1}/{self._total(states)}] {step.id}{where}: running, log {log}",
+              flush=True)
+        return log
+
+    def _start(self, step: Step, slot: str | None, states: dict[str, StepState]) -> None:
+        """Start the step's process (see `run_step`) with the benchmark's lock."""
+        log = self._announce(step, slot, states)
         environment = {**os.environ, EXECUTOR_PID: str(os.getpid()), BENCHMARK_MARKER: str(self.plan.folder),
                        self.LOCK_FD: str(self.lock.fd)}
         if slot is not None:
@@ -298,26 +316,32 @@ class LocalExecutor:
                                        env=environment, stdout=output, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, pass_fds=(self.lock.fd,), start_new_session=True)
         self.running[slot] = (step, process, time.time())
-        self.attempted.add(step.id)
-        where = f" (GPU {slot})" if slot is not None else ""
-        print(f"[{self.finished + len(self.running)}/{self._total(states)}] {step.id}{where}: running, log {log}",
-              flush=True)
+
+    def _run_here(self, step: Step, states: dict[str, StepState]) -> None:
+        """Run an action of this package (a copy, the report) in this process, which has its imports already."""
+        log = self._announce(step, None, states)
+        started = time.time()
+        with open(log, "w") as output, contextlib.redirect_stdout(output):
+            code = _StepProcess(self.plan, step).run()
+        self.finished_here.append((step, code, started))
 
     def _wait_for_one(self) -> None:
         while all(process.poll() is None for _, process, _ in self.running.values()):
             time.sleep(0.2)
 
-    def _check_finished(self, states: dict[str, StepState]) -> None:
+    def _report_finished(self, states: dict[str, StepState]) -> None:
+        """Print the steps that ended since the last call, done or failed (with the log)."""
+        ended, self.finished_here = self.finished_here, []
         for slot, (step, process, started) in list(self.running.items()):
-            if process.returncode is None:
-                continue
-            del self.running[slot]
+            if process.returncode is not None:
+                del self.running[slot]
+                ended.append((step, process.returncode, started))
+        for step, code, started in ended:
             self.finished += 1
-            seconds = time.time() - started
-            if process.returncode == 0 and states[step.id].done:
-                status = f"done in {seconds:.0f} s"
+            if code == 0 and states[step.id].done:
+                status = f"done in {time.time() - started:.0f} s"
             else:
-                reason = f"exit code {process.returncode}" if process.returncode else states[step.id].reason
+                reason = f"exit code {code}" if code else states[step.id].reason
                 status = f"FAILED ({reason}; see {self.plan.log(step)})"
                 self.failed[step.id] = status
             print(f"[{self.finished}/{self._total(states)}] {step.id}: {status}", flush=True)
