@@ -169,7 +169,7 @@ def first_benchmark(setup) -> dict:
     resumed = subprocess.run([str(BIN / "nnunet-margin"), *arguments], env={**env, "nnUNet_n_proc_DA": "0"},
                              capture_output=True, text=True, timeout=1500)
     again = setup.run(*arguments)
-    return {"folder": folder, "dry_run": dry_run, "second": second, "tree": tree,
+    return {"folder": folder, "dry_run": dry_run, "second": second, "tree": tree, "killed": first.pid,
             "survivors": survivors, "report_after_kill": report_after_kill, "resumed": resumed, "again": again}
 
 
@@ -199,6 +199,7 @@ def test_the_resumed_benchmark_runs_what_the_dry_run_listed_once_and_reports(fir
     executed = list(dict.fromkeys((folder / "commands.log").read_text().splitlines()))  # rerun steps once
     assert executed == planned
     assert f"{NNUNET}/fold_0/train: done" in resumed.stdout  # the killed training is redone
+    assert f"note: the run of pid {first_benchmark['killed']} on host" in resumed.stdout  # its lock is taken over
 
     for name in ("report/report.md", "report/table.csv", "report/table.tex", "report/compare.png", "benchmark.json"):
         assert (folder / name).stat().st_size > 0, name

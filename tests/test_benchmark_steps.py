@@ -221,6 +221,7 @@ def test_an_orphaned_step_keeps_the_runners_lock_and_a_dead_runners_lock_is_take
     lock = Lock.try_acquire(tmp_path / "lock", holder_info(command="taken over"))
     assert lock is not None and lock_holder(tmp_path / "lock") == json.loads((tmp_path / "lock").read_text())
     lock.release()
+    assert (tmp_path / "lock").read_text() == ""  # released: no holder described
 
 
 def test_two_benchmarks_never_write_a_shared_fold_at_once(tmp_path):

@@ -28,11 +28,16 @@ def run_benchmark(settings: BenchmarkSettings, dry_run: bool = False, status: bo
         _note_other_benchmarks(benchmark)
     benchmark.folder.mkdir(parents=True, exist_ok=True)
     lock_file = benchmark.folder / LOCK_FILE
+    previous = read_json(lock_file)
     lock = Lock.try_acquire(lock_file, holder_info(command="nnunet-margin benchmark"))
     if lock is None:
         raise RuntimeError(f"benchmark {benchmark.folder} is being run by "
                            f"{describe_holder(lock_holder(lock_file) or {})}: one runner per benchmark; wait for it "
                            f"(`--status` shows its steps) or stop it first")
+    if previous:
+        print(f"note: the run of pid {previous.get('pid', '?')} on host {previous.get('host', '?')} (since "
+              f"{previous.get('started', '?')}) ended without releasing the benchmark; its unfinished steps are "
+              f"redone", flush=True)
     try:
         _run_locked(benchmark, plan, lock)
     finally:

@@ -279,18 +279,21 @@ class LocalExecutor:
         return self.finished + sum(not state.done for state in states.values())
 
     def _start_ready(self, states: dict[str, StepState]) -> bool:
-        """Start the steps whose needs are done, one per free slot (actions run here at once); whether any
-        started."""
-        running = {step.id for step, _, _ in self.running.values()}
+        """Start the steps whose needs are done in the plan's order, one per free slot (an action runs here once
+        the commands before it have ended); whether any started."""
         ready = [step for step in self.plan.steps if not states[step.id].done and not states[step.id].waits_for
-                 and step.id not in self.attempted and step.id not in running]
-        for step in [step for step in ready if step.action is not None]:
-            self._run_here(step, states)
-        commands = [step for step in ready if step.action is None]
+                 and step.id not in self.attempted]
         free = [slot for slot in self.slots if slot not in self.running]
-        for step, slot in zip(commands, free):
-            self._start(step, slot, states)
-        return bool(ready)
+        started = False
+        for step in ready:
+            if step.action is None and free:
+                self._start(step, free.pop(0), states)
+            elif step.action is not None and not self.running:
+                self._run_here(step, states)
+            else:
+                break
+            started = True
+        return started
 
     def _announce(self, step: Step, slot: str | None, states: dict[str, StepState]) -> Path:
         """Log the command and print that it runs; returns its log."""

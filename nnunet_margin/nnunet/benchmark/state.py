@@ -267,6 +267,9 @@ class Lock:
         return cls(path, fd)
 
     def release(self) -> None:
+        """Release the lock, emptying its description (a lock file that still describes a holder while nobody holds
+        it was left by a holder that died)."""
+        os.ftruncate(self.fd, 0)
         os.close(self.fd)
 
 
