@@ -195,6 +195,14 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _environment_int(variable: str, default: int) -> int:
+    """An integer default from the environment, as nnUNetv2_predict reads nnUNet_npp and nnUNet_nps."""
+    try:
+        return int(os.environ.get(variable) or default)
+    except ValueError:
+        return default
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -340,9 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
     sub.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="as nnUNetv2_predict (default "
                                                                                       "cuda)")
-    sub.add_argument("-npp", type=int, default=3, help="preprocessing processes (default 3; 0 with -nps 0: all in "
-                                                       "this process)")
-    sub.add_argument("-nps", type=int, default=3, help="export processes (default 3)")
+    sub.add_argument("-npp", type=int, default=_environment_int("nnUNet_npp", 3),
+                     help="preprocessing processes (default $nnUNet_npp or 3, as nnUNetv2_predict; 0: in this process)")
+    sub.add_argument("-nps", type=int, default=_environment_int("nnUNet_nps", 3),
+                     help="export processes (default $nnUNet_nps or 3; 0: in this process)")
     sub.add_argument("--disable_tta", action="store_true", help="no test-time mirroring (as nnUNetv2_predict)")
     sub.add_argument("--save_probabilities", action="store_true", help="also write CASE.npz and CASE.pkl, as "
                                                                          "nnUNetv2_predict")

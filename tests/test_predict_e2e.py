@@ -20,6 +20,7 @@ from conftest import DATASET_ID
 from nnunet_margin import cli
 from nnunet_margin.calibration.boundary import boundary_scope
 from nnunet_margin.nnunet import _seams
+from nnunet_margin.nnunet.predict import PredictionRequest, member_names, predict_members
 
 pytestmark = pytest.mark.e2e
 
@@ -219,22 +220,37 @@ def test_continue_prediction_keeps_finished_cases_and_redoes_others(predicted, t
     assert "predicting 2 of 2 case(s)" in capsys.readouterr().out
 
 
-def test_mirrorings_as_members_average_to_nnunets_mirrored_prediction(predicted, environment):
+def test_mirrorings_as_members_average_to_nnunets_mirrored_prediction(predicted, tmp_path):
     """--tta-members' members: each fold's sliding window once per mirroring; their mean equals nnU-Net's own
     test-time mirroring up to float16 rounding. (The demo trainer disables mirroring, so all three axes are enabled
     here by hand.)"""
     predictor = _seams.load_predictor(predicted["model"], ("0",), "checkpoint_final.pth", torch.device("cpu"),
                                       use_mirroring=True)
     predictor.allowed_mirroring_axes = (0, 1, 2)
+    assert member_names(predictor, ("0",), tta_members=True)[:2] == ["fold_0/mirror_none", "fold_0/mirror_0"]
     files = _seams.input_case_files(predicted["images"], ".nii.gz")[CASES[0]]
-    _, data, _ = next(_seams.preprocessed_cases(predictor, [files], ["unused"], 0))
-    members = []
-    mean = _seams.mirrored_member_logits(predictor, data, lambda logits: members.append(logits.clone()))
-    assert len(members) == len(_seams.mirrorings(predictor)) == 8
+    _, data, properties = next(_seams.preprocessed_cases(predictor, [files], ["unused"], 0))
+    request = PredictionRequest(predicted["images"], tmp_path, predicted["model"], ("0",), tta_members=True)
+    logits, statistics = predict_members(predictor, data, properties, request, members=8)
+    assert statistics.members == len(_seams.mirrorings(predictor)) == 8
+    assert statistics.mutual_information().max() > 1e-3  # the mirrorings are members of their own
     nnunet = predictor.predict_logits_from_preprocessed_data(data).float()
-    np.testing.assert_allclose(interior(mean.numpy()), interior(nnunet.numpy()), atol=1e-2)
-    np.testing.assert_allclose(torch.stack(members).float().mean(0).numpy(), mean.numpy(), atol=1e-5)
-    assert not torch.equal(members[0], members[1])  # a mirrored member is a member of its own
+    np.testing.assert_allclose(interior(logits), interior(nnunet.numpy()), atol=1e-2)
+
+
+@pytest.mark.parametrize("writer", ["SimpleITKIO", "NibabelIO", "NibabelIOWithReorient"])
+def test_float_maps_keep_their_values_and_the_images_geometry(predicted, tmp_path, writer):
+    plans = json.loads((predicted["model"] / "plans.json").read_text())
+    plans_manager = _seams.PlansManager({**plans, "image_reader_writer": writer})
+    image = predicted["images"] / "case_010_0000.nii.gz"
+    data, properties = plans_manager.image_reader_writer_class().read_images([str(image)])
+    values = np.random.default_rng(0).uniform(0, 1, data.shape[1:]).astype(np.float32)
+    _seams.write_float_map(values, tmp_path / "map.nii.gz", properties, plans_manager)
+    read_back, _ = plans_manager.image_reader_writer_class().read_images([str(tmp_path / "map.nii.gz")])
+    np.testing.assert_array_equal(read_back[0], values)
+    assert _seams.float_map_ending(plans_manager, {"file_ending": ".nii.gz"}) == ".nii.gz"
+    png_dataset = _seams.PlansManager({**plans, "image_reader_writer": "NaturalImage2DIO"})
+    assert _seams.float_map_ending(png_dataset, {"file_ending": ".png"}) == ".npz"
 
 
 @pytest.mark.parametrize("problem", ["fold without checkpoint", "maps for one member", "output inside input",

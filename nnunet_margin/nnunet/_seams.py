@@ -590,6 +590,7 @@ class _Mirrored(torch.nn.Module):
         return torch.flip(self.network(torch.flip(x, self.dims)), self.dims)
 
 
+@torch.inference_mode()
 def mirrored_member_logits(predictor, data: torch.Tensor,
                            observe_member: Callable[[torch.Tensor], None]) -> torch.Tensor:
     """Every mirroring of every fold as a member: nnU-Net's sliding window (Gaussian weighting, float16

@@ -218,12 +218,6 @@ def _write_replacing(folder: Path, name: str, write: Callable[[Path], None]) -> 
             os.replace(produced, folder / produced.name)
 
 
-def _json_value(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def _write_json(path: Path, content: dict) -> None:
     """JSON with NaN written as null; atomic."""
     def clean(value):
@@ -231,7 +225,7 @@ def _write_json(path: Path, content: dict) -> None:
             return {key: clean(item) for key, item in value.items()}
         if isinstance(value, list):
             return [clean(item) for item in value]
-        return _json_value(value)
+        return None if isinstance(value, float) and not math.isfinite(value) else value
 
     with atomic_path(path) as temporary:
         temporary.write_text(json.dumps(clean(content), indent=2))
@@ -370,6 +364,8 @@ def predict_folder(request: PredictionRequest, report: Callable[[str], None] = p
            f"({', '.join(members)}), averaging {request.average}")
     maps_folder(output_folder).mkdir(parents=True, exist_ok=True)
     _seams.write_prediction_metadata(predictor.plans_manager, predictor.dataset_json, output_folder)
+    for case in pending:  # a case interrupted while predicted again must not look finished
+        scores_file(output_folder, case).unlink(missing_ok=True)
 
     def done(case: str, scores: dict) -> None:
         agreement = f", mean pairwise Dice {scores['pairwise_dice']:.3f}" if "pairwise_dice" in scores else ""
@@ -380,7 +376,7 @@ def predict_folder(request: PredictionRequest, report: Callable[[str], None] = p
         for output, data, properties in _seams.preprocessed_cases(predictor, list(pending.values()), outputs,
                                                                   request.preprocessing_processes):
             case = Path(output).name
-            logits, statistics = _ensemble(predictor, data, properties, request, len(members))
+            logits, statistics = predict_members(predictor, data, properties, request, len(members))
             exporter.submit(ExportJob(case, logits, properties, statistics, cases[case], predictor.plans_manager,
                                       predictor.configuration_manager, predictor.dataset_json, settings))
     records = {case: json.loads(scores_file(output_folder, case).read_text()) for case in cases}
@@ -388,9 +384,10 @@ def predict_folder(request: PredictionRequest, report: Callable[[str], None] = p
     return {case: record["scores"] for case, record in records.items()}
 
 
-def _ensemble(predictor, data: torch.Tensor, properties: dict, request: PredictionRequest,
-              members: int) -> tuple[np.ndarray, MemberStatistics | None]:
-    """The ensemble's logits for nnU-Net's export and the members' statistics (None for one member)."""
+def predict_members(predictor, data: torch.Tensor, properties: dict, request: PredictionRequest,
+                    members: int) -> tuple[np.ndarray, MemberStatistics | None]:
+    """One preprocessed case through every member: the ensemble's logits for nnU-Net's export and the members'
+    statistics in the image's geometry (None for one member)."""
     statistics = MemberStatistics(predictor.label_manager.num_segmentation_heads) if members > 1 else None
 
     def observe_member(logits: torch.Tensor) -> None:
