@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .._atomic import atomic_path
-from .stats import ArrayLike, check_label_range, check_voxel_arrays
+from .checks import ArrayLike, check_label_range, check_voxel_arrays
 
 # 2 * 10**6 voxels: 8 MiB of float32 per class, and a statistical error of fitted calibrators far below that of the
 # few validation cases they come from.

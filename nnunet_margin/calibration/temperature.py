@@ -17,15 +17,14 @@ import warnings
 import numpy as np
 import torch
 
-from .stats import (
+from .checks import (
     ArrayLike,
-    check_probability_values,
     check_label_range,
+    check_probability_values,
     check_voxel_arrays,
-    chunk_voxel_index,
     probability_sum_tolerance,
-    true_positions,
 )
+from .chunks import chunk_voxel_index, true_positions
 
 # Voxels whose log-probability differences are held (a uniform random sample beyond that): 2**22 voxels are 16 MiB
 # per class in float32, and bound the statistical error of T far below that of any validation set.
