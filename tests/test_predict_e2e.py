@@ -171,7 +171,8 @@ def run_cli(*arguments: str) -> int:
 
 def test_one_fold_writes_entropy_only(predicted, tmp_path, capsys):
     output = tmp_path / "one"
-    assert run_cli("-i", str(predicted["images"]), "-o", str(output), "-m", str(predicted["model"]), "-f", "0") == 0
+    assert run_cli("-i", str(predicted["images"]), "-o", str(output), "-d", str(DATASET_ID), "-c", "3d_fullres",
+                   "-tr", TRAINER, "-f", "0") == 0  # the model found as nnUNetv2_predict finds it
     assert "one member (fold_0)" in capsys.readouterr().out
     assert sorted(path.name for path in (output / "uncertainty_maps").iterdir()) == \
         sorted(f"{case}{suffix}" for case in CASES for suffix in (".json", "_entropy.nii.gz"))
@@ -254,7 +255,7 @@ def test_float_maps_keep_their_values_and_the_images_geometry(predicted, tmp_pat
 
 
 @pytest.mark.parametrize("problem", ["fold without checkpoint", "maps for one member", "output inside input",
-                                     "channels", "mirroring members without mirroring"])
+                                     "channels", "mirroring members without mirroring", "no such model"])
 def test_bad_input_is_refused_before_any_prediction(predicted, tmp_path, capsys, problem):
     images, model = predicted["images"], str(predicted["model"])
     output = tmp_path / "out"
@@ -269,6 +270,8 @@ def test_bad_input_is_refused_before_any_prediction(predicted, tmp_path, capsys,
                      "the model was trained on 1 channel(s) (_0000 synthetic)"),
         "mirroring members without mirroring": (["-i", str(images), "-o", str(output), "-m", model, "-f", "0",
                                                  "--tta-members", "--maps", "std"], "no test-time mirroring"),
+        "no such model": (["-i", str(images), "-o", str(output), "-d", str(DATASET_ID), "-c", "3d_fullres", "-tr",
+                           "nnUNetTrainerNeverTrained"], "has no model of trainer nnUNetTrainerNeverTrained"),
     }
     if problem == "channels":
         (tmp_path / "two_channels").mkdir()

@@ -68,7 +68,16 @@ def model_folder(dataset: str, trainer: str, plans: str, configuration: str) -> 
     if not results:
         raise RuntimeError("nnUNet_results is not set: export it as for nnUNetv2_predict, or pass the model folder "
                            "with -m")
-    return Path(results) / _seams.dataset_name(dataset) / model_folder_name(trainer, plans, configuration)
+    try:
+        name = _seams.dataset_name(dataset)
+    except RuntimeError:  # nnU-Net's message lists its folders over several lines
+        raise FileNotFoundError(f"dataset {dataset} is in none of nnUNet_raw, nnUNet_preprocessed and nnUNet_results: "
+                                f"pass its name or id as for nnUNetv2_predict, or the model folder with -m") from None
+    folder = Path(results) / name / model_folder_name(trainer, plans, configuration)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist: {name} has no model of trainer {trainer} (-tr, default "
+                                f"nnUNetTrainer), plans {plans} (-p) and configuration {configuration} (-c)")
+    return folder
 
 
 def check_request(request: PredictionRequest) -> TrainedModel:
