@@ -40,8 +40,7 @@ from ...calibration.logit_sample import LogitSample, log_probabilities
 from ..calibration_report import SCOPES, DatasetInfo, load_case_files, load_dataset_info, scope_masks
 from ..layout import FINAL_CHECKPOINT, PathLike, TrainedModel, fold_of
 from ..provenance import check_validation_current, file_sha256, record_validation
-from .maps import (BOUND_MEANINGS, FitScope, check_bound, check_checkpoints_current, check_classes,
-                   write_fit_record)
+from .maps import BOUND_MEANINGS, FitScope, check_bound, check_checkpoints_current, write_fit_record
 
 TEMPERATURE_FILE = "temperature.json"
 _REPORTED_METRICS = {"ece": "ECE", "classwise_ece": "classwise ECE", "nll": "NLL", "brier": "Brier"}
@@ -271,7 +270,6 @@ def _read_temperature(model: TrainedModel, fold_folder: Path, num_classes: int, 
         sha256 = file_sha256(checkpoint)
     calibration = AffineCalibration.from_temperature(temperature, num_classes,
                                                      {"at_bound": record.get("at_bound", bound_side(temperature))})
-    check_classes(calibration, num_classes, path, fit_command)
     check_bound(calibration, allow_bound, path, "validation probabilities")
     return calibration, sha256
 
