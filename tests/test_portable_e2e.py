@@ -35,8 +35,8 @@ from nnunet_margin.nnunet.posthoc.legacy_temperature import fit_model_temperatur
 from nnunet_margin.nnunet.provenance import PROVENANCE_FILE, file_sha256, record_validation
 
 from conftest import DATASET_ID, DATASET_NAME
-from portable_checks import (PREDICT_FLAGS, interior, plugin_logits, read_prediction, retrain, run_plain_nnunet,
-                             tree_digest)
+from portable_checks import (PREDICT_FLAGS, assert_close_to_float16_accumulation, interior, plugin_logits,
+                             read_prediction, retrain, run_plain_nnunet, tree_digest)
 
 pytestmark = pytest.mark.e2e
 
@@ -466,8 +466,8 @@ def test_vector_scaling_fitted_on_the_logit_sample_ships_in_a_plain_nnunet_model
     case = next(prediction.glob("*.npz")).stem
     _, probabilities = read_prediction(prediction, case)
     expected = torch.softmax(calibration.apply(plugin_logits(model, images)), dim=0).numpy()
+    assert_close_to_float16_accumulation(probabilities, expected)
     inside = interior(probabilities.shape[1:])
-    np.testing.assert_allclose(probabilities[:, inside], expected[:, inside], rtol=0, atol=2e-3)
     assert np.abs(probabilities - torch.softmax(plugin_logits(model, images), dim=0).numpy())[:, inside].max() > 0.01
 
 
