@@ -1,8 +1,9 @@
 """The `nnunet-margin` command: every argument parser and the one error policy of the command line.
 
-A failure the user can fix (a missing file, bad input, a refused operation) is printed as one or two lines naming
-the problem and the fix, with exit code 2; `--debug` shows the traceback instead. Modules raise ordinary
-exceptions with such messages; this file only formats them.
+A failure the user can fix (a missing file, bad input, a refused operation: the OSError, ValueError and RuntimeError
+that the modules raise with a message naming the problem and the fix) is printed as one or two lines with exit code
+2 and the hint that `--debug` shows the traceback. Any other exception is a bug of nnunet-margin: it is printed with
+its traceback and exit code 3. This file only formats them.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import argparse
 import importlib.util
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from . import __version__
 
 EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 3
 
 
 def trainers_path() -> Path:
@@ -100,7 +103,7 @@ def _calibration_command(args: argparse.Namespace) -> int:
 
 def _compare_command(args: argparse.Namespace) -> int:
     from ._atomic import atomic_path
-    from .calibration.comparison import csv_table
+    from .comparison import csv_table
     from .nnunet.compare import compare, printed_table, write_comparison
 
     comparison, methods = compare(args.methods, args.baseline)
@@ -323,14 +326,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors the modules raise with a message for the user (naming the file, the problem and the fix). Anything else is
+# a programming error of nnunet-margin: it is shown with its traceback.
+USER_ERRORS = (OSError, ValueError, RuntimeError)
+INTERNAL_ERRORS = (NotImplementedError, RecursionError)  # RuntimeError subclasses that are programming errors
+DEBUG_HINT = "(--debug before the command shows the traceback)"
+
+
+def is_user_error(error: BaseException) -> bool:
+    return isinstance(error, USER_ERRORS) and not isinstance(error, INTERNAL_ERRORS)
+
+
 def format_error(command: str, error: BaseException) -> str:
-    """One or two lines: what went wrong (the message names the file and the fix) and, for OS errors, the path."""
-    if isinstance(error, OSError) and error.filename is not None and str(error.filename) not in str(error):
-        return f"nnunet-margin {command}: error: {error} ({error.filename})"
+    """One or two lines: what went wrong (the message names the file and the fix), for OS errors the path, and the
+    hint that --debug shows the traceback."""
     message = str(error) if str(error) else type(error).__name__
-    if isinstance(error, KeyError) and error.args:
-        message = str(error.args[0])
-    return f"nnunet-margin {command}: error: {message}"
+    if isinstance(error, OSError) and error.filename is not None and str(error.filename) not in message:
+        message = f"{message} ({error.filename})"
+    return f"nnunet-margin {command}: error: {message} {DEBUG_HINT}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -341,9 +354,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nnunet-margin {args.command}: interrupted; finished files are complete, nothing is half-written",
               file=sys.stderr)
         return 130
-    except Exception as error:  # the policy: every failure is reported in a line or two, tracebacks with --debug
+    except Exception as error:  # the policy: a failure the user can fix is one or two lines, a bug its traceback
         if args.debug:
             raise
+        if not is_user_error(error):
+            traceback.print_exc()
+            print(f"nnunet-margin {args.command}: internal error ({type(error).__name__}): this is a bug in "
+                  f"nnunet-margin; please report it with the traceback above", file=sys.stderr)
+            return EXIT_INTERNAL_ERROR
         print(format_error(args.command, error), file=sys.stderr)
         return EXIT_USER_ERROR
 

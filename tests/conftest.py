@@ -121,3 +121,11 @@ def shared_models(tmp_path_factory, worker_id) -> SharedModels:
             _plan_dataset(nnunet)
             (root / ".planned").touch()
     return SharedModels(nnunet, lock)
+
+
+def pytest_collection_modifyitems(items):
+    """A test that needs a planned dataset runs nnU-Net's commands: it is marked e2e, so `pytest -m "not e2e"` runs
+    the unit tests alone."""
+    for item in items:
+        if {"nnunet_env", "shared_models"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)

@@ -22,6 +22,7 @@ from nnunet_margin.calibration import (
     negative_log_likelihood,
     plot_reliability_diagram,
 )
+from nnunet_margin.calibration import binning
 from nnunet_margin.calibration import stats as stats_module
 
 N_BINS = 15
@@ -76,10 +77,14 @@ def errors_of_bins(confidence: np.ndarray, hit: np.ndarray, bins: np.ndarray, n_
     return float(np.dot(gaps, shares)), float(max(gaps)), float(np.mean(gaps))
 
 
-def test_package_does_not_import_nnunet():
-    code = ("import sys, nnunet_margin.calibration; "
-            "sys.exit(any(name.split('.')[0] == 'nnunetv2' for name in sys.modules))")
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+def test_packages_do_not_import_nnunet():
+    """nnunet_margin.comparison needs neither nnU-Net nor torch; nnunet_margin.calibration needs no nnU-Net."""
+    code = ("import sys, nnunet_margin.comparison\n"
+            "assert not {'torch', 'nnunetv2'} & set(sys.modules), 'comparison imports torch or nnunetv2'\n"
+            "import nnunet_margin.calibration\n"
+            "assert 'nnunetv2' not in sys.modules, 'calibration imports nnunetv2'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 # --- docs/methods.md 3 reference values --------------------------------------------------------------------------------
@@ -109,21 +114,27 @@ def test_nll_equals_methods_cross_entropy():
 
 @pytest.mark.parametrize("num_classes, scale, seed", [(2, 1.0, 0), (4, 3.0, 1), (7, 0.5, 2), (5, 5.0, 3)])
 def test_matches_torchmetrics(num_classes, scale, seed):
+    """On a batch, probabilities (B, K, *spatial) with labels (B, 1, *spatial), which torchmetrics takes as preds
+    (N, C, ...) and target (N, ...) and pools over all voxels, as our default reduction does."""
     from torchmetrics.classification import BinaryCalibrationError, MulticlassCalibrationError
 
     probabilities, labels = random_inputs(num_classes, 20000, scale, seed)
-    # torchmetrics bins [lower, upper) and gives 1.0 a bin of its own: drop the rare voxels with a value on an edge.
-    on_edge = torch.isin(probabilities, torch.arange(N_BINS + 1) / N_BINS).any(dim=0)
-    assert on_edge.sum() < 10
-    probabilities, labels = probabilities[:, ~on_edge], labels[~on_edge]
-    metrics = CalibrationStats(num_classes).update(probabilities, labels).compute()
+    probabilities = probabilities.reshape(num_classes, 4, 50, 100).movedim(1, 0)  # (B, K, 50, 100), a strided view
+    labels = labels.reshape(4, 1, 50, 100)
+    # torchmetrics bins [lower, upper) and gives 1.0 a bin of its own: leave out the rare voxels with a value on an
+    # edge (our mask, its ignore_index).
+    counted = ~torch.isin(probabilities, torch.arange(N_BINS + 1) / N_BINS).any(dim=1, keepdim=True)
+    assert (~counted).sum() < 10
+    metrics = CalibrationStats(num_classes).update(probabilities, labels, mask=counted).compute()
 
-    points = probabilities.T.contiguous()
-    for norm, name in (("l1", "ece"), ("max", "mce")):
-        expected = MulticlassCalibrationError(num_classes=num_classes, n_bins=N_BINS, norm=norm)(points, labels)
+    target = torch.where(counted, labels, -1)[:, 0]
+    for norm, name, function in (("l1", "ece", expected_calibration_error), ("max", "mce", maximum_calibration_error)):
+        expected = MulticlassCalibrationError(num_classes=num_classes, n_bins=N_BINS, norm=norm, ignore_index=-1)(
+            probabilities, target)
         assert metrics[name] == pytest.approx(float(expected), abs=2e-5)
-    per_class = [float(BinaryCalibrationError(n_bins=N_BINS, norm="l1")(probabilities[k], (labels == k).long()))
-                 for k in range(num_classes)]
+        assert function(probabilities, labels, mask=counted) == metrics[name]
+    per_class = [float(BinaryCalibrationError(n_bins=N_BINS, norm="l1", ignore_index=-1)(
+        probabilities[:, k], torch.where(counted[:, 0], (labels[:, 0] == k).long(), -1))) for k in range(num_classes)]
     assert metrics["class_ece"] == pytest.approx(per_class, abs=2e-5)
     assert metrics["classwise_ece"] == pytest.approx(np.mean(per_class), abs=2e-5)
 
@@ -201,7 +212,7 @@ def test_chunk_size_does_not_change_the_result(monkeypatch):
     probabilities, labels = random_inputs(4, 3001, 2.0, seed=7)
     mask = torch.rand(3001, generator=torch.Generator().manual_seed(0)) < 0.7
     whole = CalibrationStats(4).update(probabilities, labels, mask=mask)
-    monkeypatch.setattr(stats_module, "_CHUNK_ENTRIES", 4 * 37)  # 37 voxels per chunk, 82 chunks
+    monkeypatch.setattr(stats_module, "CHUNK_ENTRIES", 4 * 37)  # 37 voxels per chunk, 82 chunks
     assert_same_state(CalibrationStats(4).update(probabilities, labels, mask=mask), whole)
 
 
@@ -396,7 +407,7 @@ def test_update_rejects_bad_inputs(probabilities, labels, mask, message):
 
 
 def test_failed_update_leaves_the_accumulator_unchanged(monkeypatch):
-    monkeypatch.setattr(stats_module, "_CHUNK_ENTRIES", 3 * 10)
+    monkeypatch.setattr(stats_module, "CHUNK_ENTRIES", 3 * 10)
     probabilities, labels = random_inputs(3, 100, 2.0, seed=12)
     stats = CalibrationStats(3).update(probabilities, labels)
     before = stats.to_dict()
@@ -458,28 +469,37 @@ def _monai(reduction: str, probabilities: torch.Tensor, target: torch.Tensor) ->
 @pytest.mark.parametrize("num_classes, scale, seed", [(2, 1.0, 20), (4, 3.0, 21), (6, 0.7, 22)])
 def test_matches_monai_calibration_error(num_classes, scale, seed):
     """Classwise ECE/ACE per class = MONAI's channels with one-hot y; top-label ECE/ACE/MCE = MONAI on one channel of
-    the top confidence against correctness. Two images: MONAI's mean over images = mean of our per-image values."""
+    the top confidence against correctness. Two images, also as one batch (B, K, V) with labels (B, 1, V): MONAI's
+    values per image = our reduction "none", its mean over images (and channels) = our reduction "mean"."""
     images = [_away_from_edges(*random_inputs(num_classes, 6000, scale, seed + image), 20) for image in range(2)]
     size = min(len(labels) for _, labels in images)
     images = [(probabilities[:, :size], labels[:size]) for probabilities, labels in images]
     ours = [CalibrationStats(num_classes, n_bins=20).update(*image).compute() for image in images]
 
     probabilities = torch.stack([image[0] for image in images])  # (B, K, V)
-    onehot = torch.stack([torch.nn.functional.one_hot(image[1], num_classes).T.float() for image in images])
+    labels = torch.stack([image[1] for image in images])[:, None]  # (B, 1, V)
+    onehot = torch.nn.functional.one_hot(labels[:, 0], num_classes).movedim(-1, 1).float()
     confidence, prediction = probabilities.max(dim=1, keepdim=True)
-    correct = (prediction[:, 0] == torch.stack([image[1] for image in images]))[:, None].float()
-    for reduction, name in (("expected", "class_ece"), ("average", "class_ace")):
+    correct = (prediction == labels).float()
+    for reduction, name, function in (("expected", "class_ece", classwise_expected_calibration_error),
+                                      ("average", "class_ace", classwise_average_calibration_error)):
         expected = _monai(reduction, probabilities, onehot).double()
         np.testing.assert_allclose([metrics[name] for metrics in ours], expected, rtol=0, atol=2e-6)
-    for reduction, name in (("expected", "ece"), ("average", "ace"), ("maximum", "mce")):
+        np.testing.assert_allclose(function(probabilities, labels, n_bins=20, reduction="none"), expected.mean(dim=1),
+                                   rtol=0, atol=2e-6)
+    for reduction, name, function in (("expected", "ece", expected_calibration_error),
+                                      ("average", "ace", average_calibration_error),
+                                      ("maximum", "mce", maximum_calibration_error)):
         expected = _monai(reduction, confidence, correct)[:, 0].double()
         np.testing.assert_allclose([metrics[name] for metrics in ours], expected, rtol=0, atol=2e-6)
+        np.testing.assert_allclose(function(probabilities, labels, n_bins=20, reduction="none"), expected, rtol=0,
+                                   atol=2e-6)
     from monai.metrics import CalibrationErrorMetric
 
     metric = CalibrationErrorMetric(calibration_reduction="average")  # mean over images and channels
     metric(y_pred=probabilities, y=onehot)
-    assert np.mean([metrics["classwise_ace"] for metrics in ours]) == pytest.approx(float(metric.aggregate()),
-                                                                                   abs=2e-6)
+    assert classwise_average_calibration_error(probabilities, labels, n_bins=20, reduction="mean") == pytest.approx(
+        float(metric.aggregate()), abs=2e-6)
 
 
 def test_monai_bins_values_on_an_edge_like_ours():
@@ -497,6 +517,99 @@ def test_monai_bins_values_on_an_edge_like_ours():
     assert ours["class_ece"] == [0.25, 0.25]
 
 
+# --- batches (B, K, *spatial) with labels (B, 1, *spatial) -----------------------------------------------------------
+
+FUNCTIONAL = {"ece": expected_calibration_error, "mce": maximum_calibration_error, "ace": average_calibration_error,
+              "classwise_ece": classwise_expected_calibration_error,
+              "classwise_ace": classwise_average_calibration_error, "brier": brier_score,
+              "nll": negative_log_likelihood}
+
+
+def random_batch(batch_size: int, num_classes: int, spatial: tuple[int, ...], scale: float, seed: int):
+    """Probabilities (B, K, *spatial) and labels (B, 1, *spatial) of `random_inputs`, volume by volume."""
+    volumes = [random_inputs(num_classes, int(np.prod(spatial)), scale, seed + b) for b in range(batch_size)]
+    probabilities = torch.stack([p.reshape(num_classes, *spatial) for p, _ in volumes])
+    labels = torch.stack([y.reshape(1, *spatial) for _, y in volumes])
+    return probabilities, labels
+
+
+@pytest.mark.parametrize("binning", ["equal_width", "equal_mass"])
+@pytest.mark.parametrize("as_numpy", [False, True])
+def test_batch_equals_its_volumes_in_turn(binning, as_numpy):
+    """A batch adds exactly (bit for bit) what its volumes add one after the other, with and without a mask."""
+    probabilities, labels = random_batch(3, 4, (5, 6, 7), 2.0, seed=50)
+    mask = torch.rand(labels.shape, generator=torch.Generator().manual_seed(50)) < 0.6
+    for volume_mask in (None, mask):
+        per_volume = CalibrationStats(4, 10, binning)
+        for b in range(3):
+            per_volume.update(probabilities[b], labels[b, 0], mask=None if volume_mask is None else volume_mask[b, 0])
+        inputs = (probabilities, labels, volume_mask)
+        if as_numpy:
+            inputs = tuple(None if array is None else array.numpy() for array in inputs)
+        batched = CalibrationStats(4, 10, binning).update(inputs[0], inputs[1], mask=inputs[2])
+        for name, value in per_volume.state.items():
+            assert torch.equal(batched.state[name], value), name
+        assert batched.num_voxels == (labels.numel() if volume_mask is None else int(mask.sum()))
+
+
+def test_functional_reductions_of_a_batch():
+    """pooled = `CalibrationStats` of the whole batch; none = each volume alone; mean = their mean; one volume is a
+    batch of one."""
+    probabilities, labels = random_batch(3, 3, (4, 9), 1.5, seed=51)
+    mask = labels != 0
+    mask[1] = False  # volume 1 counts no voxel: NaN, left out of the mean
+    pooled = CalibrationStats(3, 15).update(probabilities, labels, mask=mask).compute()
+    for name, function in FUNCTIONAL.items():
+        assert function(probabilities, labels, mask=mask) == pooled[name], name
+        alone = [function(probabilities[b], labels[b, 0], mask=mask[b, 0]) for b in range(3)]
+        per_volume = function(probabilities, labels, mask=mask, reduction="none")
+        assert per_volume[0] == alone[0] and per_volume[2] == alone[2] and np.isnan(per_volume[1]), name
+        assert function(probabilities, labels, mask=mask, reduction="mean") == pytest.approx(
+            (alone[0] + alone[2]) / 2, rel=1e-15), name
+        assert function(probabilities[0], labels[0, 0], reduction="none") == [function(probabilities[0], labels[0, 0])]
+    assert np.isnan(expected_calibration_error(probabilities, labels, mask=torch.zeros_like(mask), reduction="mean"))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        expected_calibration_error(probabilities, labels, reduction="sum")
+
+
+@pytest.mark.parametrize("labels, mask, message", [
+    (torch.zeros(2, 3, 4, 5, dtype=torch.long), None, r"expected labels of shape \(2, 1, 4, 5\), class indices "
+                                                      r"\(not one-hot\)"),
+    (torch.zeros(3, 1, 4, 5, dtype=torch.long), None, r"labels shape \(3, 1, 4, 5\) does not match the batch"),
+    # torchmetrics' target layout (B, *spatial) is one volume here: the accumulator (K = 3) and the functional form
+    # (K = 2 from the first axis) both name the batch form
+    (torch.zeros(2, 4, 5, dtype=torch.long), None, r"with labels \(B, 1, \*spatial\), got \(2, 3, 4, 5\)|expected "
+                                                   r"labels of shape \(3, 4, 5\) for one volume .*, or \(2, 1, 4, 5\) "
+                                                   r"for a batch"),
+    (torch.zeros(2, 1, 4, 5, dtype=torch.long), torch.ones(2, 4, 5, dtype=torch.bool), r"mask shape \(2, 4, 5\)"),
+    (torch.zeros(2, 1, 4, 5, dtype=torch.long), torch.ones(2, 1, 4, 5), "mask must be a bool array"),
+    (torch.zeros(2, 1, 4, 5), None, "labels must be an integer array"),
+])
+def test_batch_rejects_bad_inputs(labels, mask, message):
+    probabilities = _probabilities(3, 2, 4, 5).movedim(0, 1)  # (B=2, K=3, 4, 5)
+    with pytest.raises(ValueError, match=message):
+        CalibrationStats(3).update(probabilities, labels, mask=mask)
+    with pytest.raises(ValueError, match=message):
+        expected_calibration_error(probabilities, labels, mask=mask, reduction="none")
+
+
+def test_batch_errors_name_the_volume_and_voxel():
+    probabilities, labels = random_batch(3, 3, (4, 5), 1.0, seed=54)
+    with pytest.raises(ValueError, match="sum to"):  # torchmetrics' labels (B, *spatial) with B = K: one volume
+        expected_calibration_error(probabilities, labels[:, 0])
+    probabilities[2, :, 1, 3] = torch.tensor([0.5, 0.5, 0.5])
+    stats = CalibrationStats(3).update(probabilities[0], labels[0, 0])
+    before = stats.to_dict()
+    with pytest.raises(ValueError, match=r"sum to 1\.5 over the 3 classes at voxel \(2, 1, 3\)"):
+        stats.update(probabilities, labels)
+    assert stats.to_dict() == before  # volumes 0 and 1 were fine, but nothing of the batch was added
+    labels[1, 0, 0, 4] = 3
+    with pytest.raises(ValueError, match=r"value 3, outside \[0, 3\)"):
+        CalibrationStats(3).update(probabilities[:2], labels[:2])
+    with pytest.raises(ValueError, match=r"\(B, K=4, \*spatial\) with labels \(B, 1, \*spatial\), got \(3, 3, 4, 5\)"):
+        CalibrationStats(4).update(probabilities, labels)
+
+
 # --- equal-mass bins --------------------------------------------------------------------------------------------------
 
 def equal_mass_reference(values: np.ndarray, hit: np.ndarray, n_bins: int) -> tuple[float, ...]:
@@ -511,7 +624,7 @@ def binary_inputs_on_fine_bin_centres(num_voxels: int, seed: int, num_fine_bins:
     [0.5, 1 - 1e-6] like segmentation confidences: each in a fine bin of its own (num_fine_bins None), or drawn with
     repeats from num_fine_bins fine bins (so several voxels share one)."""
     rng = np.random.default_rng(seed)
-    limit, fine = stats_module.EQUAL_MASS_LOGIT_LIMIT, stats_module.EQUAL_MASS_FINE_BINS
+    limit, fine = binning.EQUAL_MASS_LOGIT_LIMIT, binning.EQUAL_MASS_FINE_BINS
     width = 2 * limit / fine
     upper_half = np.arange(fine // 2, fine - 12)  # log-odds 0 .. ~14
     if num_fine_bins is None:
@@ -594,7 +707,7 @@ def test_equal_mass_state_streams_merges_and_serialises():
     assert_same_state(merged, whole)
     restored = CalibrationStats.from_dict(json.loads(json.dumps(whole.to_dict())))
     assert restored.binning == "equal_mass" and restored.compute() == whole.compute()
-    assert whole.state["class_count"].shape == (4, stats_module.EQUAL_MASS_FINE_BINS)
+    assert whole.state["class_count"].shape == (4, binning.EQUAL_MASS_FINE_BINS)
     with pytest.raises(ValueError, match="binning='equal_width'"):
         whole.merge(CalibrationStats(4, 10))
 
@@ -659,7 +772,7 @@ def test_logits_and_unnormalised_scores_are_rejected(make_bad, message):
 def test_error_names_the_spatial_voxel(bad_voxel, message, monkeypatch):
     """One bad voxel at (2, 1, 3) of a (4, 3, 5) volume, stored as is and transposed, under a mask, in the 5th of
     several chunks."""
-    monkeypatch.setattr(stats_module, "_CHUNK_ENTRIES", 3 * 7)
+    monkeypatch.setattr(stats_module, "CHUNK_ENTRIES", 3 * 7)
     probabilities = torch.full((3, 4, 3, 5), 1 / 3)
     probabilities[:, 2, 1, 3] = torch.tensor(bad_voxel)
     transposed = probabilities.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)

@@ -15,8 +15,8 @@ import scipy.stats
 import torch
 
 from nnunet_margin.calibration import CalibrationStats
-from nnunet_margin.calibration import comparison as comparison_module
-from nnunet_margin.calibration.comparison import (
+from nnunet_margin.comparison import statistics as comparison_statistics
+from nnunet_margin.comparison import (
     CaseScores,
     average_ranks,
     bootstrap_mean_ci,
@@ -28,6 +28,7 @@ from nnunet_margin.calibration.comparison import (
     markdown_table,
     paired_wilcoxon,
     plot_comparison,
+    repeats_as_cases,
 )
 
 NAN = float("nan")
@@ -181,6 +182,47 @@ def test_std_is_nan_for_one_case():
     assert (comparison.ci_low[0, 0], comparison.ci_high[0, 0]) == (0.5, 0.5)
 
 
+# --- run-to-run spread: repeats as the cases of a comparison --------------------------------------------------------
+
+def test_repeats_as_cases_give_mean_and_sd_over_repeats():
+    """Three repeats of a comparison; method "R&D | test" is missing from the second and one repeat has no
+    classwise_ece for a method: mean and sd over the repeats where the mean is defined, as a plain loop gives."""
+    repeats = [compare_methods(CaseScores.from_nested(random_scores(num_cases=12, seed=seed)), n_resamples=10)
+               for seed in range(3)]
+    second = random_scores(num_cases=12, seed=1)
+    del second["R&D | test"]
+    for entry in second["MbLS_m10"].values():
+        entry.pop("classwise_ece", None)
+    repeats[1] = compare_methods(CaseScores.from_nested(second), n_resamples=10)
+    scores = repeats_as_cases(repeats)
+    assert scores.cases == ("repeat 1", "repeat 2", "repeat 3")
+    assert set(scores.methods) == set(random_scores(num_cases=1)) and scores.metrics == repeats[0].metrics
+    spread = compare_methods(scores, n_resamples=100)
+    for m, method in enumerate(spread.methods):
+        for k, metric in enumerate(spread.metrics):
+            means = [repeat.mean[repeat.methods.index(method), repeat.column(metric)] for repeat in repeats
+                     if method in repeat.methods]
+            means = [mean for mean in means if not math.isnan(mean)]
+            assert spread.num_cases[m, k] == len(means) == (2 if (method, metric) in {
+                ("R&D | test", metric), ("MbLS_m10", "classwise_ece")} else 3)
+            assert spread.mean[m, k] == pytest.approx(statistics.fmean(means), rel=1e-12)
+            assert spread.std[m, k] == pytest.approx(statistics.stdev(means), rel=1e-10)
+    row = markdown_table(spread, ["dice"]).splitlines()[2 + spread.methods.index("Focal 50%")]
+    m = spread.methods.index("Focal 50%")
+    assert f"{spread.mean[m, 0]:.4f} ± {spread.std[m, 0]:.4f}" in row
+
+
+def test_repeats_as_cases_rejects_no_repeats_and_conflicting_directions():
+    with pytest.raises(ValueError, match="no repeats"):
+        repeats_as_cases([])
+    higher = compare_methods(CaseScores.from_nested({"m": {"c": {"dice": 0.5, "x": 1.0}}}, directions={"x": "higher"}),
+                             n_resamples=10)
+    lower = compare_methods(CaseScores.from_nested({"m": {"c": {"dice": 0.5, "x": 1.0}}}, directions={"x": "lower"}),
+                            n_resamples=10)
+    with pytest.raises(ValueError, match="metric 'x' has direction 'lower' in one repeat and 'higher' in another"):
+        repeats_as_cases([higher, lower])
+
+
 # --- bootstrap ------------------------------------------------------------------------------------------------------
 
 def scipy_percentile_ci(values: np.ndarray, n_resamples: int, seed: int, confidence_level: float = 0.95):
@@ -199,7 +241,7 @@ def test_bootstrap_equals_scipy_with_the_same_generator(num_cases, seed, level):
 def test_bootstrap_in_chunks_and_rows_equals_one_draw(monkeypatch):
     samples = np.random.default_rng(5).normal(size=(3, 25))
     whole = [bootstrap_mean_ci(row, n_resamples=3000, seed=9) for row in samples]
-    monkeypatch.setattr(comparison_module, "_BOOTSTRAP_CHUNK_ENTRIES", 1000)  # 13 resamples per chunk
+    monkeypatch.setattr(comparison_statistics, "_BOOTSTRAP_CHUNK_ENTRIES", 1000)  # 13 resamples per chunk
     low, high = bootstrap_mean_ci(samples, n_resamples=3000, seed=9)
     np.testing.assert_allclose(np.stack([low, high], axis=1), whole, rtol=1e-13)
     np.testing.assert_allclose([low[1], high[1]], scipy_percentile_ci(samples[1], 3000, 9), rtol=1e-13)

@@ -207,7 +207,7 @@ def test_missing_configuration_is_a_clear_error(tmp_path):
 def test_total_counts_errors():
     per_case = {"a": np.array([5, 1]), "b": np.array([3, 0])}
     assert total_counts(per_case, ["a", "b"]).tolist() == [8, 1]
-    with pytest.raises(KeyError, match="splits_final.json"):
+    with pytest.raises(ValueError, match="splits_final.json"):
         total_counts(per_case, ["a", "c"])
     with pytest.raises(ValueError, match="no training cases"):
         total_counts(per_case, [])

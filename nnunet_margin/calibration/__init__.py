@@ -1,9 +1,9 @@
 """Calibration metrics for segmentation in plain PyTorch/NumPy/SciPy (no nnU-Net needed).
 
-`CalibrationStats` accumulates per-bin sums over voxels, volumes and processes; the functions compute one metric
-in one call; `plot_reliability_diagram` draws the reliability curves; `boundary_scope` selects the voxels near
-ground-truth class boundaries; `surface_distances` gives HD95 and ASD per class; `compare_methods` and the table and
-figure functions of `comparison` build the papers' comparison table of methods from per-case scores.
+`CalibrationStats` accumulates per-bin sums over voxels, volumes (one at a time or a batch) and processes; the
+functions compute one metric in one call; `plot_reliability_diagram` draws the reliability curves; `boundary_scope`
+selects the voxels near ground-truth class boundaries; `surface_distances` gives HD95 and ASD per class. The papers'
+comparison table of methods is the separate package `nnunet_margin.comparison`.
 `LogitSample` (of logits, or of stored probabilities as log-probabilities) and `fit_affine_calibration` fit
 temperature, vector or matrix scaling, which `fold_affine_calibration` folds into the network's last layer.
 """
@@ -17,17 +17,6 @@ from .affine import (
     logit_calibration_metrics,
 )
 from .boundary import boundary_scope, boundary_voxels
-from .comparison import (
-    METRIC_DIRECTIONS,
-    CaseScores,
-    Comparison,
-    compare_methods,
-    csv_table,
-    latex_table,
-    markdown_report,
-    markdown_table,
-    plot_comparison,
-)
 from .functional import (
     average_calibration_error,
     brier_score,
@@ -43,11 +32,8 @@ from .stats import CalibrationStats, ReliabilityBins
 from .surface import surface_distances
 
 __all__ = [
-    "METRIC_DIRECTIONS",
     "AffineCalibration",
     "CalibrationStats",
-    "CaseScores",
-    "Comparison",
     "LabelledLogits",
     "LogitSample",
     "ReliabilityBins",
@@ -58,19 +44,13 @@ __all__ = [
     "check_matrix_scaling",
     "classwise_average_calibration_error",
     "classwise_expected_calibration_error",
-    "compare_methods",
-    "csv_table",
     "evaluate_affine_calibrations",
     "expected_calibration_error",
     "fit_affine_calibration",
     "fold_affine_calibration",
-    "latex_table",
     "logit_calibration_metrics",
-    "markdown_report",
-    "markdown_table",
     "maximum_calibration_error",
     "negative_log_likelihood",
-    "plot_comparison",
     "plot_reliability_diagram",
     "surface_distances",
 ]

@@ -25,15 +25,14 @@ import numpy as np
 import torch
 
 from .._atomic import atomic_path
-from .stats import (
+from .checks import (
     ArrayLike,
     check_label_range,
     check_probability_values,
     check_voxel_arrays,
-    chunk_voxel_index,
     probability_sum_tolerance,
-    true_positions,
 )
+from .chunks import chunk_voxel_index, true_positions
 
 # 2 * 10**6 voxels: 8 MiB of float32 per class, and a statistical error of fitted calibrators far below that of the
 # few validation cases they come from.

@@ -11,7 +11,7 @@ or the folder. Per case, the report's scores become one value per metric (docs/m
   `mce`, `brier`, `nll`, and `classwise_ece/<class>`; in the boundary and crop scopes the same with the prefix
   `boundary_` or `crop_`.
 
-`nnunet_margin.calibration.comparison` turns them into means, standard deviations, ranks, bootstrap confidence
+`nnunet_margin.comparison` turns them into means, standard deviations, ranks, bootstrap confidence
 intervals and Wilcoxon tests; `write_comparison` writes report.md, table.csv, table.tex and compare.png.
 """
 
@@ -29,8 +29,8 @@ from typing import Any
 from .._atomic import atomic_path
 from .layout import split_model_folder_name
 from ..calibration import CalibrationStats
-from ..calibration.comparison import (METRIC_DIRECTIONS, CaseScores, Comparison, compare_methods, csv_table,
-                                      latex_table, markdown_report, markdown_table, plot_comparison)
+from ..comparison import (METRIC_DIRECTIONS, CaseScores, Comparison, compare_methods, csv_table, latex_table,
+                          markdown_report, markdown_table, plot_comparison)
 
 REPORT_FILE = "calibration.json"
 CALIBRATION_METRICS = ("ece", "classwise_ece", "ace", "classwise_ace", "mce", "brier", "nll")

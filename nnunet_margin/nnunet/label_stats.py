@@ -219,8 +219,8 @@ def total_counts(per_case: dict[str, np.ndarray], cases: Sequence[str]) -> np.nd
     """Summed class counts over `cases`; every case must be present in `per_case`."""
     missing = [case for case in cases if case not in per_case]
     if missing:
-        raise KeyError(f"{len(missing)} training case(s) have no preprocessed segmentation, e.g. {missing[:3]}; "
-                       f"the split (splits_final.json) does not match the preprocessed data")
+        raise ValueError(f"{len(missing)} training case(s) have no preprocessed segmentation, e.g. {missing[:3]}; "
+                         f"the split (splits_final.json) does not match the preprocessed data")
     if not cases:
         raise ValueError("no training cases: cannot derive label statistics from an empty fold")
     return np.sum([per_case[case] for case in cases], axis=0)

@@ -13,8 +13,9 @@ from typing import Any, Sequence
 
 import torch
 
+from ..checks import ArrayLike
 from ..logit_sample import LogitSample
-from ..stats import ArrayLike, CalibrationStats
+from ..stats import CalibrationStats
 from .map import METHODS, AffineCalibration
 from .parametrisations import (
     DEFAULT_FOLDS,

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..stats import ArrayLike
+from ..checks import ArrayLike
 
 METHODS = ("temperature", "vector", "matrix")
 
