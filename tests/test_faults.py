@@ -413,8 +413,9 @@ def test_temperature_of_another_checkpoint_is_not_exported(model, nnunet_env, tm
     code, error = run_cli("export-portable", model, str(tmp_path / "out"), "--temperature", capsys=capsys)
     assert_clear_error(code, error, temperature_file, "older than checkpoint_final.pth", "fit-temperature")
     os.utime(model / "fold_0" / TEMPERATURE_FILE, (written + 10, written + 10))
-    exported = export_portable(model, tmp_path / "out", temperature=True, folds=["0"])
-    info = json.loads((exported / EXPORT_INFO_FILE).read_text())
+    code, error = run_cli("export-portable", model, str(tmp_path / "out"), "--temperature", "-f", "0", capsys=capsys)
+    assert code == 0 and "export-portable: deprecated: " in error and "--calibration" in error
+    info = json.loads((tmp_path / "out" / DATASET_NAME / MODEL_NAME / EXPORT_INFO_FILE).read_text())
     assert info["temperatures_folded_in"] == {"fold_0": 1.5} and info["calibration_fit_on"] == "fold"
     assert info["calibration_checkpoints"] == {"fold_0": file_sha256(checkpoint)}
 
