@@ -92,9 +92,11 @@ def _label_stats_command(args: argparse.Namespace) -> int:
 
 
 def _calibration_command(args: argparse.Namespace) -> int:
-    from .nnunet.calibration_report import PLOT_FILE, REPORT_FILE, calibrate_prediction_folder, summary_lines
+    from .nnunet.calibration_report import PLOT_FILE, REPORT_FILE, summary_lines
+    from .nnunet.prediction_folder import calibrate_prediction_folder
 
-    report = calibrate_prediction_folder(args.pred_folder, args.gt_folder, args.output_folder, args.num_processes)
+    report = calibrate_prediction_folder(args.pred_folder, args.gt_folder, args.output_folder, args.num_processes,
+                                         args.allow_missing)
     print("\n".join(summary_lines(report)))
     output = Path(args.output_folder or args.pred_folder)
     print(f"wrote {output / REPORT_FILE} and {output / PLOT_FILE}")
@@ -104,10 +106,13 @@ def _calibration_command(args: argparse.Namespace) -> int:
 def _compare_command(args: argparse.Namespace) -> int:
     from ._atomic import atomic_path
     from .comparison import csv_table
-    from .nnunet.compare import compare, printed_table, write_comparison
+    from .nnunet.compare_reports import common_cases_note, compare, printed_table, write_comparison
 
-    comparison, methods = compare(args.methods, args.baseline)
+    comparison, methods = compare(args.methods, args.baseline, args.common_cases)
     print(printed_table(comparison), end="")
+    note = common_cases_note(methods)
+    if note:
+        print(note)
     if args.output_folder:
         write_comparison(comparison, methods, args.output_folder)
         print(f"wrote report.md, table.csv, table.tex and compare.png into {args.output_folder}")
@@ -227,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where calibration.json and reliability.png go (default: PRED_FOLDER)")
     sub.add_argument("-np", "--num-processes", dest="num_processes", type=int, default=1,
                      help="cases evaluated in parallel (default: 1)")
+    sub.add_argument("--allow-missing", dest="allow_missing", action="store_true",
+                     help="report the predicted cases only when ground-truth cases have no prediction (refused "
+                          "otherwise); calibration.json lists those left out")
     sub.set_defaults(func=_calibration_command)
 
     sub = commands.add_parser("compare", help="the papers' comparison table of methods: mean ± std, sum of ranks, "
@@ -239,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("-o", "--output-folder", dest="output_folder", default=None,
                      help="write report.md, table.csv, table.tex and compare.png there")
     sub.add_argument("--csv", default=None, metavar="FILE", help="also write the table as CSV")
+    sub.add_argument("--common-cases", dest="common_cases", action="store_true",
+                     help="compare methods evaluated on different cases on the cases all of them have (refused "
+                          "otherwise); the report names those left out")
     sub.set_defaults(func=_compare_command)
 
     sub = commands.add_parser("fit-temperature", help="deprecated (use fit-calibration --method temperature): fit a "

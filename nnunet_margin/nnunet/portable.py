@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from ..calibration.affine import AffineCalibration, fold_affine_calibration
-from . import _seams
+from . import _seams, layout
 from .layout import BEST_CHECKPOINT, FINAL_CHECKPOINT, PathLike, TrainedModel
 from .posthoc.legacy_temperature import temperatures_for_export
 from .posthoc.maps import calibrations_for_export
@@ -56,9 +56,6 @@ EXPORT_INFO_FILE = "export_info.json"
 STAGING_MARKER = ".nnunet_margin_export"  # first file of a staging folder; removed before it becomes the target
 # A folder name nnU-Net can split back into TRAINER__PLANS__CONFIGURATION: no "__", no leading/trailing separator.
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*")
-MODEL_FILES = ("plans.json", "dataset.json", "dataset_fingerprint.json")
-# Per fold, besides the checkpoints: what nnUNetv2_export_model_to_zip packs.
-FOLD_FILES = ("progress.png", "validation/summary.json")
 
 
 @dataclass
@@ -71,8 +68,8 @@ class PlainNetwork:
 
     @classmethod
     def build(cls, model: TrainedModel) -> PlainNetwork:
-        plans_manager = _seams.PlansManager(str(model.folder / "plans.json"))
-        dataset_json = json.loads((model.folder / "dataset.json").read_text())
+        plans_manager = _seams.PlansManager(str(model.folder / layout.PLANS_FILE))
+        dataset_json = json.loads((model.folder / layout.DATASET_FILE).read_text())
         network, num_inputs = _seams.plain_network(plans_manager, model.configuration, dataset_json)
         configuration = plans_manager.get_configuration(model.configuration)
         total_stride = np.prod(np.array(configuration.pool_op_kernel_sizes), axis=0)
@@ -138,7 +135,7 @@ def check_trainer_keeps_network(trainer_name: str) -> None:
 def _load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        missing = {"network_weights", "trainer_name"} - set(checkpoint)
+        missing = set(layout.CHECKPOINT_KEYS_READ) - set(checkpoint)
         if missing:
             raise KeyError(f"no {' and no '.join(sorted(missing))}")
     except (RuntimeError, OSError, EOFError, ValueError, KeyError, TypeError) as error:
@@ -153,12 +150,13 @@ def _export_checkpoint(source: Path, destination: Path, network: PlainNetwork,
     """Copy one checkpoint with trainer_name nnUNetTrainer (and the calibration folded in); returns the source's
     trainer name."""
     checkpoint = _load_checkpoint(source)
-    trainer_name = checkpoint["trainer_name"]
+    trainer_name = checkpoint[layout.CHECKPOINT_TRAINER]
     check_trainer_keeps_network(trainer_name)
-    network.check_weights(checkpoint["network_weights"], str(source))
+    network.check_weights(checkpoint[layout.CHECKPOINT_WEIGHTS], str(source))
     if calibration is not None:
-        checkpoint["network_weights"] = network.fold_calibration(checkpoint["network_weights"], calibration)
-    checkpoint["trainer_name"] = BASE_TRAINER
+        checkpoint[layout.CHECKPOINT_WEIGHTS] = network.fold_calibration(checkpoint[layout.CHECKPOINT_WEIGHTS],
+                                                                         calibration)
+    checkpoint[layout.CHECKPOINT_TRAINER] = BASE_TRAINER
     torch.save(checkpoint, destination)
     return trainer_name
 
@@ -244,18 +242,18 @@ def _write_export(model: TrainedModel, network: PlainNetwork, staging: Path, fol
     source_trainers = set()
     for fold_folder in fold_folders:
         target = staging / fold_folder.name
-        (target / "validation").mkdir(parents=True)
+        layout.validation_folder(target).mkdir(parents=True)
         checkpoints = [FINAL_CHECKPOINT] if calibrations else [FINAL_CHECKPOINT, BEST_CHECKPOINT]
         for name in checkpoints:
             if (fold_folder / name).is_file():
                 source_trainers.add(_export_checkpoint(fold_folder / name, target / name, network,
                                                        calibrations.get(fold_folder.name)))
-        for name in FOLD_FILES:
+        for name in layout.EXPORTED_FOLD_FILES:
             if (fold_folder / name).is_file():
                 shutil.copyfile(fold_folder / name, target / name)
-        if not any((target / "validation").iterdir()):
-            (target / "validation").rmdir()
-    for name in MODEL_FILES:
+        if not any(layout.validation_folder(target).iterdir()):
+            layout.validation_folder(target).rmdir()
+    for name in layout.MODEL_FILES:
         if (model.folder / name).is_file():
             shutil.copyfile(model.folder / name, staging / name)
     info = {"source": str(model.folder), "source_trainers": sorted(source_trainers),
@@ -313,7 +311,7 @@ def export_portable(model_folder: PathLike, out_folder: PathLike, temperature: b
     check_export_name(name)
     model = TrainedModel.load(model_folder)
     out = Path(out_folder).resolve()
-    destination = out / model.dataset_name / f"{name}__{model.plans}__{model.configuration}"
+    destination = out / model.dataset_name / layout.model_folder_name(name, model.plans, model.configuration)
     _check_locations(model, out, destination, overwrite)
     fold_folders = model.fold_folders(folds)
     network = PlainNetwork.build(model)

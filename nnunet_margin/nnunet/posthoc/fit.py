@@ -22,8 +22,9 @@ import torch
 
 from ...calibration.affine import fit_affine_calibration, logit_calibration_metrics
 from ...calibration.logit_sample import LabelledLogits, LogitSample
-from ..calibration_report import json_value, load_dataset_info
+from ..calibration_report import json_value
 from ..layout import TrainedModel, fold_of
+from ..prediction_folder import load_dataset_info
 from .maps import FIT_ON, FORMAT_VERSION, FitScope, write_map
 from .samples import FoldSample, fold_sample
 

@@ -37,8 +37,10 @@ import torch
 from ...calibration import CalibrationStats
 from ...calibration.affine import TEMPERATURE_BOUNDS, AffineCalibration, fit_affine_calibration
 from ...calibration.logit_sample import LogitSample, log_probabilities
-from ..calibration_report import SCOPES, DatasetInfo, load_case_files, load_dataset_info, scope_masks
+from .. import layout
+from ..case_evaluation import SCOPES, scope_masks
 from ..layout import FINAL_CHECKPOINT, PathLike, TrainedModel, fold_of
+from ..prediction_folder import DatasetInfo, load_case_files, load_dataset_info
 from ..provenance import check_validation_current, file_sha256, record_validation
 from .maps import BOUND_MEANINGS, FitScope, check_bound, check_checkpoints_current, write_fit_record
 
@@ -65,11 +67,10 @@ class _Case:
 
 
 def _scope_voxels(case: _Case) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities (K, V) and labels (V,) of the case's voxels in its scope (see calibration_report)."""
-    probabilities, labels, crop_mask = load_case_files(case.probabilities, case.properties, case.ground_truth,
-                                                       case.info)
-    counted = scope_masks(labels, crop_mask, case.info.ignore_label)[case.scope]
-    return probabilities[:, counted], labels[counted]
+    """Probabilities (K, V) and labels (V,) of the case's voxels in its scope (see case_evaluation)."""
+    loaded = load_case_files(case.probabilities, case.properties, case.ground_truth, case.info)
+    counted = scope_masks(loaded.labels, loaded.crop_mask, case.info.ignore_label)[case.scope]
+    return loaded.probabilities[:, counted], loaded.labels[counted]
 
 
 @contextmanager
@@ -98,7 +99,7 @@ def _ensure_validation_probabilities(model: TrainedModel, fold_folder: Path) -> 
     """Run nnU-Net's validation with --npz for a fold whose validation folder has no .npz files (and record which
     checkpoint it used); refuse .npz files of another checkpoint or of an unfinished validation."""
     command = refresh_command(model, fold_folder)
-    if not any((fold_folder / "validation").glob("*.npz")):
+    if not layout.probability_cases(layout.validation_folder(fold_folder)):
         _run_validation(model, fold_folder, command)
     check_validation_current(fold_folder, " ".join(command))
 
@@ -106,8 +107,8 @@ def _ensure_validation_probabilities(model: TrainedModel, fold_folder: Path) -> 
 def _run_validation(model: TrainedModel, fold_folder: Path, command: list[str]) -> None:
     results = os.environ.get("nnUNet_results")
     if results is None or (Path(results) / model.dataset_name / model.folder.name).resolve() != model.folder:
-        raise RuntimeError(f"{fold_folder / 'validation'} has no .npz probabilities, and nnUNetv2_train --val can "
-                           f"only write them if nnUNet_results points at this model's results folder: export "
+        raise RuntimeError(f"{layout.validation_folder(fold_folder)} has no .npz probabilities, and nnUNetv2_train "
+                           f"--val can only write them if nnUNet_results points at this model's results folder: export "
                            f"nnUNet_results={model.folder.parent.parent} (now {results or 'not set'})")
     command = [_console_script(command[0]), *command[1:], "-device", "cuda" if torch.cuda.is_available() else "cpu"]
     print(f"{fold_folder.name}: no validation probabilities (.npz); running nnU-Net's validation:\n  "
@@ -120,18 +121,19 @@ def _run_validation(model: TrainedModel, fold_folder: Path, command: list[str]) 
     if returncode != 0:
         raise RuntimeError(f"`{' '.join(command)}` failed (see its output above); if nnU-Net cannot find trainer "
                            f"{model.trainer}, set nnUNet_extTrainer as for training")
-    if not any((fold_folder / "validation").glob("*.npz")):
-        raise RuntimeError(f"nnU-Net's validation wrote no .npz into {fold_folder / 'validation'}")
+    if not layout.probability_cases(layout.validation_folder(fold_folder)):
+        raise RuntimeError(f"nnU-Net's validation wrote no .npz into {layout.validation_folder(fold_folder)}")
     record_validation(fold_folder, FINAL_CHECKPOINT)
 
 
 def _validation_cases(fold_folder: Path, gt_folder: Path, info: DatasetInfo, scope: str) -> list[_Case]:
     cases = []
-    for npz in sorted((fold_folder / "validation").glob("*.npz")):
-        case = _Case(npz, npz.with_suffix(".pkl"), gt_folder / (npz.stem + info.file_ending), info, scope)
+    for name in layout.probability_cases(layout.validation_folder(fold_folder)):
+        files = layout.ExportedFiles.of(layout.validation_folder(fold_folder), name, info.file_ending)
+        case = _Case(files.probabilities, files.properties, gt_folder / (name + info.file_ending), info, scope)
         for path in (case.properties, case.ground_truth):
             if not path.is_file():
-                raise FileNotFoundError(f"{path} is missing (needed for validation case {npz.stem} of "
+                raise FileNotFoundError(f"{path} is missing (needed for validation case {name} of "
                                         f"{fold_folder.name})")
         cases.append(case)
     return cases
@@ -205,7 +207,7 @@ def fit_model_temperatures(model_folder: PathLike, folds: Iterable[str | int] | 
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     model = TrainedModel.load(model_folder)
     preprocessed = os.environ.get("nnUNet_preprocessed")
-    gt_folder = Path(preprocessed or ".") / model.dataset_name / "gt_segmentations"
+    gt_folder = layout.gt_segmentations_folder(Path(preprocessed or ".") / model.dataset_name)
     if preprocessed is None or not gt_folder.is_dir():
         raise FileNotFoundError(f"no ground truth folder {gt_folder}: set nnUNet_preprocessed to the folder "
                                 f"holding {model.dataset_name}/gt_segmentations (now {preprocessed or 'not set'})")

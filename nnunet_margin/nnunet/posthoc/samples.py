@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ...calibration.logit_sample import LogitSample
-from .. import _seams
+from .. import _seams, layout
 from ..layout import FINAL_CHECKPOINT, TrainedModel, fold_of
 from ..provenance import PROVENANCE_FILE, check_sample_current
 from ..validation import LOGIT_SAMPLE_FILE
@@ -47,8 +47,8 @@ def revalidate(model: TrainedModel, fold_folder: Path, device: torch.device) -> 
     if not issubclass(trainer_class, nnUNetTrainerWithCalibration):
         # the same name, so nnU-Net's output folder is the model's own
         trainer_class = type(model.trainer, (nnUNetTrainerWithCalibration, trainer_class), {})
-    plans = json.loads((Path(preprocessed) / model.dataset_name / f"{model.plans}.json").read_text())
-    dataset_json = json.loads((Path(preprocessed) / model.dataset_name / "dataset.json").read_text())
+    plans = json.loads(layout.plans_file(Path(preprocessed) / model.dataset_name, model.plans).read_text())
+    dataset_json = json.loads((Path(preprocessed) / model.dataset_name / layout.DATASET_FILE).read_text())
     print(f"{fold_folder.name}: running nnU-Net's validation again with the calibration hook (no current "
           f"{LOGIT_SAMPLE_FILE})", flush=True)
     trainer = _seams.validation_trainer(trainer_class, plans, model.configuration, fold_of(fold_folder),
@@ -62,7 +62,7 @@ def fold_sample(model: TrainedModel, fold_folder: Path, revalidate_first: bool, 
     """The fold's current logit sample, running its validation again where it is missing (or when asked); refused
     if it is stale, unreadable, or of another number of classes than the model's dataset.json, naming the command
     `refresh` that writes it again."""
-    sample_file = fold_folder / "validation" / LOGIT_SAMPLE_FILE
+    sample_file = layout.validation_folder(fold_folder) / LOGIT_SAMPLE_FILE
     if revalidate_first or not sample_file.is_file():
         revalidate(model, fold_folder, device)
         if not sample_file.is_file():
@@ -77,5 +77,5 @@ def fold_sample(model: TrainedModel, fold_folder: Path, revalidate_first: bool, 
         raise ValueError(f"{sample_file} holds logits of {sample.num_classes} classes, but the model's dataset.json "
                          f"defines {len(class_names)} ({', '.join(class_names)}): the sample belongs to another "
                          f"dataset or label set; write it again with `{refresh}`")
-    sha256 = json.loads((fold_folder / "validation" / PROVENANCE_FILE).read_text())["sha256"]
+    sha256 = json.loads((layout.validation_folder(fold_folder) / PROVENANCE_FILE).read_text())["sha256"]
     return FoldSample(fold_folder, sample_file, sample, sha256)
