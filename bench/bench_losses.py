@@ -22,9 +22,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import median_seconds, peak_extra_bytes  # noqa: E402
 
-from nnunet_margin.losses import (CALSLoss, ConfidencePenaltyLoss, FocalLoss, HardL1ACELoss,  # noqa: E402
-                                  LabelSmoothingLoss, MarginCalibrationLoss, MbLSLoss, NACLLoss, SoftL1ACELoss,
-                                  SegmentationLoss, SVLSLoss, margin_offsets)
+from nnunet_margin.losses import SegmentationLoss  # noqa: E402
+from nnunet_margin.methods import METHODS  # noqa: E402
+
+# Settings besides a method's defaults whose cost differs (NACL's Gaussian kernel is 9 taps wide, the mean kernel 3).
+MORE_SETTINGS = {"nacl": [{"kernel": "gaussian"}]}
 
 
 def default_nnunet_loss():
@@ -37,23 +39,14 @@ def default_nnunet_loss():
 
 
 def candidates(num_classes: int) -> dict:
+    """nnU-Net's default loss, plain cross-entropy, then every registry method's loss with its default settings."""
     counts = torch.logspace(6, 3, num_classes)  # imbalanced: background first, rarest last
-    offsets = margin_offsets(counts)
-    return {
-        "nnU-Net Dice+CE (default)": default_nnunet_loss(),
-        "plain cross-entropy": torch.nn.CrossEntropyLoss(),
-        "MarginCalibrationLoss": MarginCalibrationLoss(offsets.rho_k0, offsets.rho_0k),
-        "MbLSLoss": MbLSLoss(),
-        "FocalLoss": FocalLoss(),
-        "LabelSmoothingLoss": LabelSmoothingLoss(),
-        "ConfidencePenaltyLoss": ConfidencePenaltyLoss(),
-        "CALSLoss": CALSLoss(num_classes),
-        "SVLSLoss": SVLSLoss(),
-        "NACLLoss": NACLLoss(),
-        "NACLLoss gaussian": NACLLoss(kernel="gaussian"),
-        "HardL1ACELoss": HardL1ACELoss(),
-        "SoftL1ACELoss": SoftL1ACELoss(),
-    }
+    losses = {"nnU-Net Dice+CE (default)": default_nnunet_loss(), "plain cross-entropy": torch.nn.CrossEntropyLoss()}
+    for method in METHODS:
+        for settings in [{}] + MORE_SETTINGS.get(method.name, []):
+            name = " ".join([method.loss.__name__, *map(str, settings.values())])
+            losses[name] = method.build(num_classes=num_classes, counts=counts, **settings)
+    return losses
 
 
 def main() -> None:

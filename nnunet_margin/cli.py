@@ -92,9 +92,11 @@ def _label_stats_command(args: argparse.Namespace) -> int:
 
 
 def _calibration_command(args: argparse.Namespace) -> int:
-    from .nnunet.calibration_report import PLOT_FILE, REPORT_FILE, calibrate_prediction_folder, summary_lines
+    from .nnunet.calibration_report import PLOT_FILE, REPORT_FILE, summary_lines
+    from .nnunet.prediction_folder import calibrate_prediction_folder
 
-    report = calibrate_prediction_folder(args.pred_folder, args.gt_folder, args.output_folder, args.num_processes)
+    report = calibrate_prediction_folder(args.pred_folder, args.gt_folder, args.output_folder, args.num_processes,
+                                         args.allow_missing)
     print("\n".join(summary_lines(report)))
     output = Path(args.output_folder or args.pred_folder)
     print(f"wrote {output / REPORT_FILE} and {output / PLOT_FILE}")
@@ -104,10 +106,13 @@ def _calibration_command(args: argparse.Namespace) -> int:
 def _compare_command(args: argparse.Namespace) -> int:
     from ._atomic import atomic_path
     from .comparison import csv_table
-    from .nnunet.compare import compare, printed_table, write_comparison
+    from .nnunet.compare_reports import common_cases_note, compare, printed_table, write_comparison
 
-    comparison, methods = compare(args.methods, args.baseline)
+    comparison, methods = compare(args.methods, args.baseline, args.common_cases)
     print(printed_table(comparison), end="")
+    note = common_cases_note(methods)
+    if note:
+        print(note)
     if args.output_folder:
         write_comparison(comparison, methods, args.output_folder)
         print(f"wrote report.md, table.csv, table.tex and compare.png into {args.output_folder}")
@@ -120,8 +125,9 @@ def _compare_command(args: argparse.Namespace) -> int:
 def _fit_temperature_command(args: argparse.Namespace) -> int:
     import warnings
 
-    from .nnunet.temperature import (TEMPERATURE_FILE, TemperatureAtBoundWarning, bound_warning,
-                                     fit_model_temperatures, temperature_table)
+    from .nnunet.posthoc.legacy_temperature import (FIT_TEMPERATURE_DEPRECATION, TEMPERATURE_FILE,
+                                                    TemperatureAtBoundWarning, bound_warning, fit_model_temperatures,
+                                                    temperature_table)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TemperatureAtBoundWarning)  # printed below, after the table
@@ -132,29 +138,37 @@ def _fit_temperature_command(args: argparse.Namespace) -> int:
         message = bound_warning(fold, record)
         if message is not None:
             print(f"nnunet-margin fit-temperature: warning: {message}", file=sys.stderr)
+    print(f"nnunet-margin fit-temperature: deprecated: {FIT_TEMPERATURE_DEPRECATION}", file=sys.stderr)
     return 0
 
 
 def _export_portable_command(args: argparse.Namespace) -> int:
-    from .nnunet.portable import export_portable
+    import shlex
+
     from .nnunet.layout import TrainedModel
+    from .nnunet.portable import export_portable
+    from .nnunet.posthoc.legacy_temperature import EXPORT_TEMPERATURE_DEPRECATION
 
     exported = TrainedModel.load(export_portable(args.model_folder, args.out, args.temperature, args.folds,
                                                  args.name, args.overwrite, args.allow_bound, args.calibration))
-    print(f"wrote {exported.folder}\npredict with plain nnU-Net:\n  nnUNet_results={Path(args.out).resolve()} "
-          f"nnUNetv2_predict -d {exported.dataset_name} -c {exported.configuration} -p {exported.plans} "
-          f"-tr {exported.trainer} -i INPUT -o OUTPUT")
+    predict = shlex.join(["nnUNetv2_predict", "-d", exported.dataset_name, "-c", exported.configuration, "-p",
+                          exported.plans, "-tr", exported.trainer, "-i", "INPUT", "-o", "OUTPUT"])
+    print(f"wrote {exported.folder}\npredict with plain nnU-Net:\n  "
+          f"nnUNet_results={shlex.quote(str(Path(args.out).resolve()))} {predict}")
+    if args.temperature:
+        print(f"nnunet-margin export-portable: deprecated: {EXPORT_TEMPERATURE_DEPRECATION}", file=sys.stderr)
     return 0
 
 
 def _fit_calibration_command(args: argparse.Namespace) -> int:
-    from .nnunet.posthoc import CALIBRATION_MAP_FILE, calibration_table, fit_model_calibration
+    from .nnunet.posthoc.fit import calibration_table, fit_model_calibration
+    from .nnunet.posthoc.maps import CALIBRATION_MAP_FILE
 
     records = fit_model_calibration(args.model_folder, args.method, args.folds, args.scope, args.held_out,
-                                    args.revalidate, args.device)
+                                    args.revalidate, args.device, args.fit_on)
     print(calibration_table(records), end="")
-    print(f"held-out voxels: metrics on the part of each fold's sample the fit did not see; wrote "
-          f"{CALIBRATION_MAP_FILE} into " + ", ".join(str(Path(args.model_folder) / fold) for fold in records))
+    print(f"held-out voxels: metrics on the part of the sample the fit did not see; wrote {CALIBRATION_MAP_FILE} "
+          f"into " + ", ".join(str(Path(args.model_folder) / fold) for fold in records))
     return 0
 
 
@@ -246,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where calibration.json and reliability.png go (default: PRED_FOLDER)")
     sub.add_argument("-np", "--num-processes", dest="num_processes", type=int, default=1,
                      help="cases evaluated in parallel (default: 1)")
+    sub.add_argument("--allow-missing", dest="allow_missing", action="store_true",
+                     help="report the predicted cases only when ground-truth cases have no prediction (refused "
+                          "otherwise); calibration.json lists those left out")
     sub.set_defaults(func=_calibration_command)
 
     sub = commands.add_parser("compare", help="the papers' comparison table of methods: mean ± std, sum of ranks, "
@@ -258,10 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("-o", "--output-folder", dest="output_folder", default=None,
                      help="write report.md, table.csv, table.tex and compare.png there")
     sub.add_argument("--csv", default=None, metavar="FILE", help="also write the table as CSV")
+    sub.add_argument("--common-cases", dest="common_cases", action="store_true",
+                     help="compare methods evaluated on different cases on the cases all of them have (refused "
+                          "otherwise); the report names those left out")
     sub.set_defaults(func=_compare_command)
 
-    sub = commands.add_parser("fit-temperature", help="fit a post-hoc temperature per fold on its validation "
-                                                      "probabilities (writes fold_X/temperature.json)")
+    sub = commands.add_parser("fit-temperature", help="deprecated (use fit-calibration --method temperature): fit a "
+                                                      "post-hoc temperature per fold on its validation probabilities "
+                                                      "(writes fold_X/temperature.json)")
     sub.add_argument("model_folder", help="trained model folder nnUNet_results/DatasetXXX/TRAINER__PLANS__CONF")
     sub.add_argument("-f", "--folds", nargs="+", default=None,
                      help="folds to fit (default: every fold_X with checkpoint_final.pth)")
@@ -277,8 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("out", help="an nnUNet_results-style root outside the model's results tree: the copy goes to "
                                  "OUT/DatasetXXX/NAME__PLANS__CONF")
     sub.add_argument("--temperature", action="store_true",
-                     help="fold each fold's fitted temperature (fold_X/temperature.json from fit-temperature) into "
-                          "its final layer")
+                     help="deprecated (use --calibration): fold each fold's fitted temperature "
+                          "(fold_X/temperature.json from fit-temperature) into its final layer")
     sub.add_argument("-f", "--folds", nargs="+", default=None,
                      help="folds to export (default: every fold_X with checkpoint_final.pth)")
     sub.add_argument("--name", default="nnUNetTrainer", metavar="TRAINER_FOLDER_NAME",
@@ -288,15 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--overwrite", action="store_true",
                      help="replace an earlier export of the same model in that folder (never any other folder)")
     sub.add_argument("--allow-bound", dest="allow_bound", action="store_true",
-                     help="with --temperature: fold in a temperature at a bound of fit-temperature's search too")
+                     help="fold in a temperature at a bound of its search too")
     sub.add_argument("--calibration", action="store_true",
                      help="fold each fold's map from fit-calibration (fold_X/calibration_map.json) into its final "
-                          "layer")
+                          "layer; the folds' maps must be of one scope (per fold, or one pooled map for exactly the "
+                          "exported folds) and fitted for their current checkpoints")
     sub.set_defaults(func=_export_portable_command)
 
-    sub = commands.add_parser("fit-calibration", help="fit a post-hoc calibrator per fold (temperature, vector or "
-                                                      "matrix scaling) on its validation logit sample, measured on a "
-                                                      "held-out part (writes fold_X/calibration_map.json)")
+    sub = commands.add_parser("fit-calibration", help="fit a post-hoc calibrator (temperature, vector or matrix "
+                                                      "scaling) per fold or pooled over the folds on their validation "
+                                                      "logit samples, measured on a held-out part (writes "
+                                                      "fold_X/calibration_map.json)")
     sub.add_argument("model_folder", help="trained model folder nnUNet_results/DatasetXXX/TRAINER__PLANS__CONF")
     sub.add_argument("--method", required=True, choices=["temperature", "vector", "matrix"],
                      help="softmax(z / T), softmax(w * z + b) per class, or softmax(W z + b) with ODIR")
@@ -305,8 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--scope", choices=("foreground", "crop"), default="crop",
                      help="voxels fitted on (default: crop, every voxel in nnU-Net's crop box; foreground only for "
                           "temperature); held-out metrics are reported in both")
+    sub.add_argument("--fit-on", dest="fit_on", choices=("fold", "pooled"), default="fold",
+                     help="fold: one map per fold from its own validation cases (default); pooled: one map from all "
+                          "chosen folds' validation cases, folded identically into each of them (the map of their "
+                          "ensemble, approximately)")
     sub.add_argument("--held-out", dest="held_out", type=float, default=0.2,
-                     help="fraction of each fold's sample kept out of the fit to measure it (default 0.2)")
+                     help="fraction of the sample kept out of the fit to measure it (default 0.2)")
     sub.add_argument("--revalidate", action="store_true",
                      help="run the fold's validation again with the calibration hook first (also done where the "
                           "logit sample is missing)")

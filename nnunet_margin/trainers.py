@@ -1,36 +1,36 @@
-"""nnU-Net trainers: a base that builds the loss from named terms, then a few lines per method.
+"""nnU-Net trainers: a base that builds the loss from named terms, and one line per method of the registry.
 
-Hyper-parameters are class attributes, so a variant is a one-line subclass whose name records them (nnU-Net's
-convention: the results folder is named after the trainer). Every class overrides only nnU-Net hooks and calls
-`super()`, so it combines with other nnU-Net variants by multiple inheritance, e.g.
-`class MyTrainer(nnUNetTrainerMbLS, nnUNetTrainerNoMirroring): pass`.
+A method's trainer is `class nnUNetTrainerX(MethodTrainer): method = methods.X`: its settings become class
+attributes, and the registry's named variants (nnunet_margin/methods.py) are made here as subclasses that change
+them, so a variant's name records its hyper-parameters (nnU-Net's convention: the results folder is named after the
+trainer). Every class overrides only nnU-Net hooks and calls `super()`, so it combines with other nnU-Net variants by
+multiple inheritance, e.g. `class MyTrainer(nnUNetTrainerMbLS, nnUNetTrainerNoMirroring): pass`.
 
-A new method is one `SegmentationLoss` in `nnunet_margin.losses` and a subclass of `LossTermsTrainer` whose
-`loss_terms()` returns it; `dice_weight = 1.0` adds nnU-Net's soft Dice as a further term.
+A trainer of other losses subclasses `LossTermsTrainer` and returns them from `loss_terms()`; `dice_weight` adds
+nnU-Net's soft Dice as a further term.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
-from torch import nn
 
+from . import methods
+from .losses import LabelSmoothingLoss, MarginCalibrationLoss, SegmentationLoss
 from .losses.base import nonfinite_logits_message, nonfinite_loss_message
-from .losses import (CALSLoss, ConfidencePenaltyLoss, FocalLoss, HardL1ACELoss, LabelSmoothingLoss, MarginCalibrationLoss,
-                     MbLSLoss, NACLLoss, SoftL1ACELoss, SVLSLoss)
+from .methods import Method, is_weight
 from .nnunet import _seams
 from .nnunet._seams import nnUNetTrainer
 from .nnunet.distributed import mean_over_ranks, on_rank_zero
 from .nnunet.label_stats import trainer_label_counts
-from .nnunet.loss_assembly import assemble_loss, soft_dice
+from .nnunet.loss_assembly import assemble_loss, check_terms, soft_dice
 from .nnunet.margin_record import compute_fold_record, record_from_checkpoint_extras, write_record
-from .nnunet.layout import FINAL_CHECKPOINT
+from .nnunet.layout import FINAL_CHECKPOINT, PLUGIN_CHECKPOINT_KEY
 from .nnunet.provenance import record_validation
 from .nnunet.validation import measuring_calibration, write_validation_report
-
-CHECKPOINT_KEY = "nnunet_margin"
 
 
 class nnUNetTrainerWithCalibration(nnUNetTrainer):
@@ -85,7 +85,8 @@ class nnUNetTrainerWithCalibration(nnUNetTrainer):
         if self.local_rank != 0 or self.disable_checkpointing:
             super().save_checkpoint(filename)  # writes nothing here, but logs as nnU-Net does
             return
-        _seams.save_checkpoint_with(super().save_checkpoint, filename, {CHECKPOINT_KEY: self.checkpoint_extras()})
+        _seams.save_checkpoint_with(super().save_checkpoint, filename,
+                                    {PLUGIN_CHECKPOINT_KEY: self.checkpoint_extras()})
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         if isinstance(filename_or_checkpoint, dict):
@@ -93,7 +94,7 @@ class nnUNetTrainerWithCalibration(nnUNetTrainer):
         else:
             checkpoint = torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
             name = Path(filename_or_checkpoint).name
-        extras = checkpoint.get(CHECKPOINT_KEY) or {}
+        extras = checkpoint.get(PLUGIN_CHECKPOINT_KEY) or {}
         self.before_loading_checkpoint(extras)
         _seams.load_checkpoint_once(super().load_checkpoint, checkpoint, name or "(dict)")
         self.restore_checkpoint_extras(extras)
@@ -117,8 +118,8 @@ class LossTermsTrainer(nnUNetTrainerWithCalibration):
     _part_sums: torch.Tensor | None = None
     _part_steps: int = 0
 
-    def loss_terms(self) -> dict[str, tuple[float, nn.Module]]:
-        """The method's weighted loss terms {name: (weight, loss)}; subclasses implement it."""
+    def loss_terms(self) -> dict[str, tuple[float, SegmentationLoss]]:
+        """The method's weighted loss terms {name: (weight > 0, SegmentationLoss)}; subclasses implement it."""
         raise NotImplementedError
 
     @property
@@ -126,7 +127,13 @@ class LossTermsTrainer(nnUNetTrainerWithCalibration):
         return self.label_manager.ignore_label
 
     def _build_loss(self):
+        name = type(self).__name__
+        if not is_weight(self.dice_weight, allow_zero=True):
+            raise ValueError(f"{name}.dice_weight = {self.dice_weight!r}: the weight of nnU-Net's soft Dice term "
+                             f"must be a finite number >= 0 (0: no Dice term). Set dice_weight in the trainer class to "
+                             f"0 or a positive weight.")
         terms = self.loss_terms()
+        check_terms(f"{name}.loss_terms()", terms)
         if self.dice_weight:
             terms["dice"] = (self.dice_weight, soft_dice(self))
         return assemble_loss(self, terms)
@@ -142,7 +149,7 @@ class LossTermsTrainer(nnUNetTrainerWithCalibration):
 
     def train_step(self, batch: dict) -> dict:
         result = super().train_step(batch)
-        if not np.isfinite(result["loss"]):  # nnU-Net's own host copy of the loss: no extra synchronisation
+        if not np.isfinite(_seams.train_step_loss(result)):  # nnU-Net's host copy: no extra synchronisation
             self._raise_nonfinite_loss()
         components = self.loss.components
         if len(components) > 1:
@@ -199,39 +206,104 @@ class LossTermsTrainer(nnUNetTrainerWithCalibration):
             self.loss.load_state_dict(extras["loss_state"])
 
 
-class nnUNetTrainerMarginCalib(LossTermsTrainer):
-    """Distribution-aware Margin Calibration (Yu et al., AAAI 2021 / IJCV 2022) as the only loss.
+class MethodTrainer(LossTermsTrainer):
+    """The trainer of a registry method (nnunet_margin/methods.py): a subclass only sets `method`.
 
-    The offsets come from the class voxel counts of the fold's preprocessed training cases, are written to
-    `margin_offsets.json` in the fold folder and stored in every checkpoint; `--c` and `--val` use the recorded ones.
+    The method's settings are class attributes `<prefix>_<setting>` (e.g. `mbls_margin`), filled from the registry's
+    defaults on the class that sets `method`; a variant is a subclass that changes some of them (the registry's
+    variants are made by `variant_trainers`). The loss is the method's term with the registry's weight, beside a
+    plain cross-entropy term where the method has one, plus nnU-Net's soft Dice with `dice_weight` (default: the
+    method's).
     """
 
-    tau: float = 10.0
-    upsilon: float = 1.0
-    loss_form: str = "released"
-    empty_classes: str = "error"
+    method: ClassVar[Method]
 
-    margin_record: dict | None = None
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        method = cls.__dict__.get("method")
+        if method is None:
+            return
+        for attribute, setting in method.attributes.items():
+            if attribute not in cls.__dict__:
+                setattr(cls, attribute, method.settings[setting])
+        if "dice_weight" not in cls.__dict__:
+            cls.dice_weight = method.dice_weight
+        if cls.__doc__ is None:
+            cls.__doc__ = method.summary
+
+    def method_settings(self) -> dict:
+        """The method's settings from this trainer's attributes; a misspelt `<prefix>_...` attribute, or one of an
+        earlier release's names, is refused."""
+        method = self.method
+        former = {name: now for name, now in method.renamed.items() if hasattr(type(self), name)}
+        if former:
+            raise ValueError(f"{type(self).__name__} sets " + ", ".join(
+                f"{name} (now called {now})" for name, now in former.items()) + ": rename the attribute, or it "
+                f"would be ignored")
+        stray = [name for name in dir(type(self))
+                 if name.startswith(f"{method.prefix}_") and name not in method.attributes]
+        if stray:
+            raise ValueError(f"{type(self).__name__} sets {', '.join(stray)}, which method {method.name!r} does "
+                                 f"not know; its settings are {', '.join(method.attributes)} "
+                                 f"(nnunet_margin/methods.py). Fix the attribute's name.")
+        return {setting: getattr(self, attribute) for attribute, setting in method.attributes.items()}
+
+    def build_method_loss(self) -> SegmentationLoss:
+        """The method's loss from this trainer's settings."""
+        try:
+            return self.method.build(ignore_index=self.ignore_label,
+                                     num_classes=self.label_manager.num_segmentation_heads, **self.method_settings())
+        except ValueError as error:
+            raise ValueError(f"{type(self).__name__} (settings from its attributes {self.method.prefix}_*): "
+                             f"{error}") from error
 
     def loss_terms(self):
-        if self.margin_record is None:
-            self.margin_record = on_rank_zero(self, lambda: compute_fold_record(
-                self, tau=self.tau, upsilon=self.upsilon, empty_classes=self.empty_classes,
+        method = self.method
+        terms = {}
+        if method.cross_entropy_weight:
+            terms["ce"] = (method.cross_entropy_weight, LabelSmoothingLoss(epsilon=0.0, ignore_index=self.ignore_label))
+        terms[method.term] = (method.weight, self.build_method_loss())
+        return terms
+
+
+def variant_trainers(base: type[MethodTrainer]) -> dict[str, type[MethodTrainer]]:
+    """The registry's named variants of a method's trainer: one subclass each, setting the variant's attributes."""
+    return {name: type(name, (base,), {**attributes, "__module__": base.__module__, "__qualname__": name,
+                                       "__doc__": f"{base.__name__} with " + ", ".join(
+                                           f"{key} = {value!r}" for key, value in attributes.items()) + "."})
+            for name, attributes in base.method.variants.items()}
+
+
+class nnUNetTrainerMarginCalib(MethodTrainer):
+    """Distribution-aware Margin Calibration (Yu et al., AAAI 2021 / IJCV 2022) as the only loss.
+
+    The offsets come from the class voxel counts of the fold's preprocessed training cases (the registry's builder,
+    `MarginCalibrationLoss.from_counts`, computed once per fold), are written to `margin_offsets.json` in the fold
+    folder and stored in every checkpoint; `--c` and `--val` use the recorded ones.
+    """
+
+    method = methods.MARGIN_CALIBRATION
+    fold_offsets: dict | None = None  # counts, settings and offsets of the fold (margin_offsets.json)
+
+    def build_method_loss(self):
+        settings = self.method_settings()
+        if self.fold_offsets is None:
+            self.fold_offsets = on_rank_zero(self, lambda: compute_fold_record(
+                self, tau=settings["tau"], upsilon=settings["upsilon"], empty_classes=settings["empty_classes"],
                 num_processes=self.label_stats_processes))
-        loss = MarginCalibrationLoss(self.margin_record["rho_k0"], self.margin_record["rho_0k"],
-                                     form=self.loss_form, ignore_index=self.ignore_label)
-        return {"margin_calibration": (1.0, loss)}
+        return MarginCalibrationLoss(self.fold_offsets["rho_k0"], self.fold_offsets["rho_0k"], form=settings["form"],
+                                     ignore_index=self.ignore_label)
 
     def on_train_start(self):
         super().on_train_start()
         if self.local_rank == 0:
-            write_record(self.output_folder, self.margin_record)
+            write_record(self.output_folder, self.fold_offsets)
             self.print_to_log_file("Margin offsets (rho_0k, rho_k0) per class: " + ", ".join(
                 f"{name} {rho_0k:.4g}/{rho_k0:.3g}" for name, rho_0k, rho_k0 in zip(
-                    self.margin_record["class_names"], self.margin_record["rho_0k"], self.margin_record["rho_k0"])))
+                    self.fold_offsets["class_names"], self.fold_offsets["rho_0k"], self.fold_offsets["rho_k0"])))
 
     def checkpoint_extras(self) -> dict:
-        return {**super().checkpoint_extras(), "margin_record": self.margin_record}
+        return {**super().checkpoint_extras(), "margin_record": self.fold_offsets}
 
     def before_loading_checkpoint(self, extras: dict) -> None:
         # Before nnU-Net's load_checkpoint, which initialises the trainer and so builds the loss: --c and --val then
@@ -240,228 +312,27 @@ class nnUNetTrainerMarginCalib(LossTermsTrainer):
         if recorded is None:
             return
         self.print_to_log_file("Using the margin offsets recorded with the checkpoint.")
-        rebuild = self.was_initialized and recorded != self.margin_record
-        self.margin_record = recorded
+        rebuild = self.was_initialized and recorded != self.fold_offsets
+        self.fold_offsets = recorded
         if rebuild:
             self.loss = self._build_loss()
 
 
-class nnUNetTrainerMarginCalibDice(nnUNetTrainerMarginCalib):
-    """Margin calibration + nnU-Net's soft Dice (the AAAI paper's combination), weights 1 and 1."""
-
-    dice_weight = 1.0
-
-
-class nnUNetTrainerMarginCalib_tau5(nnUNetTrainerMarginCalib):
-    tau = 5.0
-
-
-class nnUNetTrainerMarginCalib_tau20(nnUNetTrainerMarginCalib):
-    tau = 20.0
-
-
-class nnUNetTrainerMarginCalib_paperLoss(nnUNetTrainerMarginCalib):
-    """The IJCV paper's rho-calibrated log2 loss instead of the released code's BCE form."""
-
-    loss_form = "paper"
-
-
-class nnUNetTrainerMarginCalib_emptyAsOne(nnUNetTrainerMarginCalib):
-    """Classes absent from the fold's training cases count as one voxel instead of stopping training."""
-
-    empty_classes = "count_as_one"
-
-
-class nnUNetTrainerMarginCalibDice_tau5(nnUNetTrainerMarginCalibDice):
-    tau = 5.0
-
-
-class nnUNetTrainerMbLS(LossTermsTrainer):
-    """Margin-based Label Smoothing (Liu et al., CVPR 2022 / MedIA 2023): CE + alpha * ReLU(logit distance - margin).
-
-    The per-epoch log shows the penalty's share of the loss. Set `mbls_schedule` ("add", "multiply", "step") with
-    `mbls_schedule_factor` (and `mbls_schedule_step_size` for "step") in a subclass for the released code's alpha
-    schedule (off by default).
-    """
-
-    mbls_margin: float = 10.0
-    mbls_alpha: float = 0.1
-    mbls_schedule: str | None = None
-    mbls_schedule_factor: float = 0.0
-    mbls_schedule_step_size: int = 100
-    mbls_max_alpha: float = 100.0
-
-    def loss_terms(self):
-        return {"mbls": (1.0, MbLSLoss(margin=self.mbls_margin, alpha=self.mbls_alpha, ignore_index=self.ignore_label,
-                                       schedule=self.mbls_schedule, schedule_factor=self.mbls_schedule_factor,
-                                       schedule_step_size=self.mbls_schedule_step_size,
-                                       max_alpha=self.mbls_max_alpha))}
-
-
-class nnUNetTrainerMbLSDice(nnUNetTrainerMbLS):
-    """nnU-Net's default Dice + CE, plus the MbLS margin penalty."""
-
-    dice_weight = 1.0
-
-
-class nnUNetTrainerMbLS_m5(nnUNetTrainerMbLS):
-    mbls_margin = 5.0
-
-
-class nnUNetTrainerMbLS_m8(nnUNetTrainerMbLS):
-    mbls_margin = 8.0
-
-
-class nnUNetTrainerMbLS_m10(nnUNetTrainerMbLS):
-    mbls_margin = 10.0
-
-
-class nnUNetTrainerMbLS_m10_alpha02(nnUNetTrainerMbLS):
-    mbls_alpha = 0.2
-
-
-class nnUNetTrainerMbLSDice_m5(nnUNetTrainerMbLSDice):
-    mbls_margin = 5.0
-
-
-class nnUNetTrainerMbLSDice_m8(nnUNetTrainerMbLSDice):
-    mbls_margin = 8.0
-
-class nnUNetTrainerFocal(LossTermsTrainer):
-    """Focal loss (Lin et al., ICCV 2017): mean -(1 - p_y)^gamma log p_y, gamma 2 (docs/methods.md 4a)."""
-
-    focal_gamma: float = 2.0
-
-    def loss_terms(self):
-        return {"focal": (1.0, FocalLoss(gamma=self.focal_gamma, ignore_index=self.ignore_label))}
-
-
-class nnUNetTrainerFocalDice(nnUNetTrainerFocal):
-    dice_weight = 1.0
-
-
-class nnUNetTrainerFocal_g1(nnUNetTrainerFocal):
-    focal_gamma = 1.0
-
-
-class nnUNetTrainerFocal_g3(nnUNetTrainerFocal):
-    focal_gamma = 3.0
-
-
-class nnUNetTrainerLS(LossTermsTrainer):
-    """Label smoothing: CE against (1 - eps) onehot + eps / K, eps 0.1 (docs/methods.md 4b)."""
-
-    ls_epsilon: float = 0.1
-
-    def loss_terms(self):
-        return {"label_smoothing": (1.0, LabelSmoothingLoss(epsilon=self.ls_epsilon, ignore_index=self.ignore_label))}
-
-
-class nnUNetTrainerLSDice(nnUNetTrainerLS):
-    dice_weight = 1.0
-
-
-class nnUNetTrainerLS_e02(nnUNetTrainerLS):
-    ls_epsilon = 0.2
-
-
-class nnUNetTrainerLS_e03(nnUNetTrainerLS):
-    ls_epsilon = 0.3
-
-
-class nnUNetTrainerECP(LossTermsTrainer):
-    """Explicit confidence penalty (Pereyra et al., 2017): CE - beta * mean entropy, beta 0.1 (docs/methods.md 4c)."""
-
-    ecp_beta: float = 0.1
-
-    def loss_terms(self):
-        return {"ecp": (1.0, ConfidencePenaltyLoss(beta=self.ecp_beta, ignore_index=self.ignore_label))}
-
-
-class nnUNetTrainerECPDice(nnUNetTrainerECP):
-    dice_weight = 1.0
-
-
-class nnUNetTrainerECP_b02(nnUNetTrainerECP):
-    ecp_beta = 0.2
-
-
-class nnUNetTrainerECP_b03(nnUNetTrainerECP):
-    ecp_beta = 0.3
-
-
-class nnUNetTrainerSVLS(LossTermsTrainer):
-    """Spatially varying label smoothing (Islam & Glocker, IPMI 2021): CE against the one-hot target smoothed by a
-    3^d Gaussian kernel, sigma 1 (docs/methods.md 4d)."""
-
-    svls_sigma: float = 1.0
-
-    def loss_terms(self):
-        return {"svls": (1.0, SVLSLoss(sigma=self.svls_sigma, ignore_index=self.ignore_label))}
-
-
-class nnUNetTrainerSVLSDice(nnUNetTrainerSVLS):
-    dice_weight = 1.0
-
-
-class nnUNetTrainerNACL(LossTermsTrainer):
-    """Neighbor-aware calibration loss (Murugesan et al., MICCAI 2023): CE + alpha * mean |tau - z| with tau the
-    one-hot target under a 3^d mean filter, alpha 0.1 (docs/methods.md 4e)."""
-
-    nacl_alpha: float = 0.1
-    nacl_kernel_size: int = 3
-    nacl_kernel: str = "mean"
-    nacl_distance: str = "l1"
-
-    def loss_terms(self):
-        return {"nacl": (1.0, NACLLoss(alpha=self.nacl_alpha, kernel_size=self.nacl_kernel_size,
-                                       kernel=self.nacl_kernel, distance=self.nacl_distance,
-                                       ignore_index=self.ignore_label))}
-
-
-class nnUNetTrainerNACLDice(nnUNetTrainerNACL):
-    dice_weight = 1.0
-
-
-class nnUNetTrainerHardL1ACE(LossTermsTrainer):
-    """Marginal L1 average calibration error loss (Barfoot et al., MICCAI 2024), hard binning, 20 bins: nnU-Net's
-    Dice + CE + mL1-ACE, a third each (docs/methods.md 4f)."""
-
-    dice_weight = 1 / 3
-    ace_bins: int = 20
-    ace_loss = HardL1ACELoss
-
-    def loss_terms(self):
-        return {"ce": (1 / 3, LabelSmoothingLoss(epsilon=0.0, ignore_index=self.ignore_label)),  # plain CE
-                "ace": (1 / 3, self.ace_loss(num_bins=self.ace_bins, ignore_index=self.ignore_label))}
-
-
-class nnUNetTrainerSoftL1ACE(nnUNetTrainerHardL1ACE):
-    """As nnUNetTrainerHardL1ACE with soft (interpolated) binning."""
-
-    ace_loss = SoftL1ACELoss
-
-
-class nnUNetTrainerCALS(LossTermsTrainer):
-    """Class-adaptive label smoothing (Liu et al., CVPR 2023): CE + an augmented-Lagrangian margin penalty with one
-    multiplier per class, updated from each epoch's validation logits, margin 20 (docs/methods.md 4g). The
-    multipliers are kept in the checkpoints (`--c` resumes them), averaged over DDP ranks, and their mean and max
-    are logged every epoch."""
-
-    cals_margin: float = 20.0
-
-    def loss_terms(self):
-        return {"cals": (1.0, CALSLoss(self.label_manager.num_segmentation_heads, margin=self.cals_margin,
-                                       ignore_index=self.ignore_label))}
-
-
-class nnUNetTrainerCALSDice(nnUNetTrainerCALS):
-    dice_weight = 1.0
-
-
-class nnUNetTrainerCALS_m10(nnUNetTrainerCALS):
-    cals_margin = 10.0
-
+# One line per method: the trainer of each registry entry (methods.py holds its settings, terms and variants).
+class nnUNetTrainerMbLS(MethodTrainer): method = methods.MBLS
+class nnUNetTrainerFocal(MethodTrainer): method = methods.FOCAL
+class nnUNetTrainerLS(MethodTrainer): method = methods.LABEL_SMOOTHING
+class nnUNetTrainerECP(MethodTrainer): method = methods.ECP
+class nnUNetTrainerSVLS(MethodTrainer): method = methods.SVLS
+class nnUNetTrainerNACL(MethodTrainer): method = methods.NACL
+class nnUNetTrainerHardL1ACE(MethodTrainer): method = methods.HARD_L1ACE
+class nnUNetTrainerSoftL1ACE(MethodTrainer): method = methods.SOFT_L1ACE
+class nnUNetTrainerCALS(MethodTrainer): method = methods.CALS
+
+
+for _method in methods.METHODS:
+    globals().update(variant_trainers(globals()[_method.trainer]))
+del _method
 
 __all__ = [name for name, value in dict(globals()).items()
            if isinstance(value, type) and issubclass(value, nnUNetTrainer) and name.startswith("nnUNetTrainer")

@@ -129,3 +129,19 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if {"nnunet_env", "shared_models"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def shared_test_predictions(shared_models) -> Path:
+    """`nnUNetv2_predict --save_probabilities` of the held-out images (imagesTs) by nnUNetTrainer_demo's fold 0, once
+    for all test workers (under the shared lock); read-only: copy before changing anything."""
+    model = shared_models.model("nnUNetTrainer_demo", ("0",))
+    output = shared_models.nnunet.root / "predictions" / model.name
+    with shared_models.lock:
+        if not (output / ".complete").is_file():
+            shared_models.nnunet.run("nnUNetv2_predict", "-i", str(shared_models.nnunet.raw / "imagesTs"), "-o",
+                                     str(output), "-d", str(DATASET_ID), "-c", "3d_fullres", "-f", "0", "-tr",
+                                     "nnUNetTrainer_demo", "-device", "cpu", "-npp", "0", "-nps", "0",
+                                     "--save_probabilities")
+            (output / ".complete").touch()
+    return output

@@ -1,4 +1,6 @@
-"""The nnU-Net-facing calibration report on hand-made prediction folders (npz + pkl + NIfTI ground truth)."""
+"""The calibration report: on hand-made prediction folders (npz + pkl + NIfTI ground truth), and the checks of
+`nnunet-margin calibration` (geometry, missing predictions and segmentations, bad probabilities) on the real
+nnUNetv2_predict output of the generated dataset."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import io
 import json
 import math
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -16,13 +19,10 @@ import torch
 
 from nnunet_margin import cli
 from nnunet_margin.calibration import CalibrationStats, boundary_scope, surface_distances, classwise_expected_calibration_error, expected_calibration_error
-from nnunet_margin.nnunet.calibration_report import (
-    calibrate_prediction_folder,
-    crop_mask_from_properties,
-    evaluate_case,
-    segmentation_metrics,
-    write_calibration_report,
-)
+from nnunet_margin.nnunet.case_evaluation import evaluate_case, segmentation_metrics
+from nnunet_margin.nnunet.geometry import crop_mask
+from nnunet_margin.nnunet.layout import CropBox, read_summary_dice
+from nnunet_margin.nnunet.prediction_folder import calibrate_prediction_folder, expected_cases, write_calibration_report
 
 LABELS = {"background": 0, "organ": 1, "lesion": 2, "ignore": 3}
 CLASS_NAMES = ["background", "organ", "lesion"]
@@ -52,9 +52,27 @@ def make_case(seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
     probabilities[:, ~crop] = np.array([1.0, 0.0, 0.0])[:, None]
     gt = np.where(crop, rng.integers(0, 3, ORIGINAL_SHAPE), 0)
     gt[rng.random(ORIGINAL_SHAPE) < 0.05] = IGNORE
-    properties = {"shape_before_cropping": TRANSPOSED_SHAPE, "bbox_used_for_cropping": BBOX,
-                  "spacing": [1.0, 1.0, 1.0]}
-    return probabilities.astype(np.float32), gt.astype(np.uint8), properties
+    return probabilities.astype(np.float32), gt.astype(np.uint8), nnunet_properties()
+
+
+def nnunet_properties(bbox=BBOX) -> dict:
+    """The properties nnU-Net's preprocessing records for a case of ORIGINAL_SHAPE (crop box in the transposed
+    frame) with 1 mm spacing."""
+    return {"shape_before_cropping": TRANSPOSED_SHAPE, "bbox_used_for_cropping": bbox,
+            "shape_after_cropping_and_before_resampling": tuple(high - low for low, high in bbox),
+            "spacing": [1.0, 1.0, 1.0]}
+
+
+def nnunet_summary(path: Path, dice: dict[int, float], cases) -> Path:
+    """A summary.json as nnU-Net's evaluation writes it (save_summary_json), with the given mean Dice per label."""
+    from nnunetv2.evaluation.evaluate_predictions import save_summary_json
+
+    per_case = [{"reference_file": f"/gt/{case}.nii.gz", "prediction_file": f"/pred/{case}.nii.gz", "metrics": {}}
+                for case in cases]
+    foreground = float(np.mean(list(dice.values())))
+    save_summary_json({"metric_per_case": per_case, "mean": {label: {"Dice": value} for label, value in dice.items()},
+                       "foreground_mean": {"Dice": foreground}}, str(path))
+    return path
 
 
 def write_prediction_folder(folder: Path, gt_folder: Path, cases=("case_000", "case_001", "case_002"),
@@ -99,8 +117,7 @@ def strict_json(path: Path) -> dict:
 # --- crop mask and evaluate_case ------------------------------------------------------------------------------------
 
 def test_crop_mask_matches_nnunet_export_and_preprocessing():
-    properties = {"shape_before_cropping": TRANSPOSED_SHAPE, "bbox_used_for_cropping": BBOX}
-    mask = crop_mask_from_properties(properties, TRANSPOSE_BACKWARD)
+    mask = crop_mask(CropBox.from_properties(nnunet_properties()), TRANSPOSE_BACKWARD)
     assert mask.shape == ORIGINAL_SHAPE
     np.testing.assert_array_equal(mask, nnunet_crop_mask())
     # Preprocessing: transpose_forward, then crop. The voxels it keeps are exactly those under the mask.
@@ -110,9 +127,10 @@ def test_crop_mask_matches_nnunet_export_and_preprocessing():
 
 
 def test_crop_mask_rejects_a_transpose_that_does_not_fit():
-    properties = {"shape_before_cropping": TRANSPOSED_SHAPE, "bbox_used_for_cropping": BBOX}
     with pytest.raises(ValueError, match="transpose_backward"):
-        crop_mask_from_properties(properties, [0, 1])
+        crop_mask(CropBox.from_properties(nnunet_properties()), [0, 1])
+    with pytest.raises(ValueError, match="no valid crop box"):
+        CropBox.from_properties({"spacing": [1.0, 1.0, 1.0]})
 
 
 @pytest.mark.parametrize("use_crop, ignore_label", [(True, IGNORE), (False, IGNORE), (True, None), (False, None)])
@@ -163,17 +181,18 @@ def test_write_report_contents(tmp_path):
     per_case = _per_case()
     probabilities, gt, _ = make_case(0)
     per_case["no_foreground"] = evaluate_case(probabilities, np.zeros_like(gt), nnunet_crop_mask(), IGNORE)
-    summary_json = tmp_path / "summary.json"
-    summary_json.write_text(json.dumps({"foreground_mean": {"Dice": 0.7},
-                                        "mean": {"1": {"Dice": 0.8}, "2": {"Dice": 0.6}}}))
-    report = write_calibration_report(per_case, tmp_path / "out", CLASS_NAMES, summary_json)
+    summary_json = nnunet_summary(tmp_path / "summary.json", {1: 0.8, 2: 0.6}, per_case)
+    report = write_calibration_report(per_case, tmp_path / "out", CLASS_NAMES,
+                                      nnunet_dice=read_summary_dice(summary_json, CLASS_NAMES, ".nii.gz"))
 
     written = strict_json(tmp_path / "out" / "calibration.json")
     assert written == json.loads(json.dumps(report))
     assert (tmp_path / "out" / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert written["class_names"] == CLASS_NAMES and written["num_cases"] == 4
     assert written["dice"]["per_class"] == {"organ": 0.8, "lesion": 0.6}
-    assert written["dice"]["foreground_mean"] == 0.7
+    assert written["dice"]["foreground_mean"] == pytest.approx(0.7)
+    assert written["coverage"] == {"calibration": sorted(per_case), "segmentation": [],
+                                   "nnunet_dice": sorted(per_case)}
 
     per_case_ece = [expected_foreground(*make_case(seed)[:2])["ece"] for seed in range(3)]
     foreground = written["summary"]["foreground"]
@@ -192,16 +211,20 @@ def test_write_report_contents(tmp_path):
 
 
 def test_write_report_without_dice(tmp_path):
-    report = write_calibration_report(_per_case(1), tmp_path, CLASS_NAMES, tmp_path / "missing_summary.json")
-    assert "dice" not in report
-    summary_json = tmp_path / "summary.json"  # nnU-Net writes NaN (non-standard JSON) for a class absent everywhere
-    summary_json.write_text('{"foreground_mean": {"Dice": NaN}, "mean": {"1": {"Dice": 0.5}, "2": {"Dice": NaN}}}')
-    write_calibration_report(_per_case(1), tmp_path, CLASS_NAMES, summary_json)
+    report = write_calibration_report(_per_case(1), tmp_path, CLASS_NAMES)
+    assert "dice" not in report and "nnunet_dice" not in report["coverage"]
+    # nnU-Net writes NaN (non-standard JSON) for a class absent everywhere
+    summary_json = nnunet_summary(tmp_path / "summary.json", {1: 0.5, 2: float("nan")}, ["case_000"])
+    write_calibration_report(_per_case(1), tmp_path, CLASS_NAMES,
+                             nnunet_dice=read_summary_dice(summary_json, CLASS_NAMES, ".nii.gz"))
     assert strict_json(tmp_path / "calibration.json")["dice"]["per_class"] == {"organ": 0.5, "lesion": None}
     with pytest.raises(ValueError, match="2 class names for 3"):
-        write_calibration_report(_per_case(1), tmp_path, CLASS_NAMES[:2], None)
+        write_calibration_report(_per_case(1), tmp_path, CLASS_NAMES[:2])
     with pytest.raises(ValueError, match="no cases"):
-        write_calibration_report({}, tmp_path, CLASS_NAMES, None)
+        write_calibration_report({}, tmp_path, CLASS_NAMES)
+    summary_json.write_text('{"mean": ')
+    with pytest.raises(ValueError, match="summary.json is not a readable nnU-Net summary"):
+        read_summary_dice(summary_json, CLASS_NAMES, ".nii.gz")
 
 
 def _crash_json(obj, handle, **kwargs):
@@ -219,13 +242,13 @@ def _crash_png(self, path, **kwargs):
     ("matplotlib.figure.Figure", "savefig", _crash_png),
 ])
 def test_failed_write_leaves_old_files_intact(tmp_path, monkeypatch, target, name, crash):
-    write_calibration_report(_per_case(1), tmp_path, CLASS_NAMES, None)
+    write_calibration_report(_per_case(1), tmp_path, CLASS_NAMES)
     old = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
     assert sorted(old) == ["calibration.json", "reliability.png"]
 
     monkeypatch.setattr(f"{target}.{name}", crash)
     with pytest.raises(RuntimeError, match="crashed"):
-        write_calibration_report(_per_case(2), tmp_path, CLASS_NAMES, None)
+        write_calibration_report(_per_case(2), tmp_path, CLASS_NAMES)
 
     new = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
     assert sorted(new) == ["calibration.json", "reliability.png"]  # no temporary file left behind
@@ -244,14 +267,15 @@ def test_calibrate_prediction_folder(tmp_path, num_processes):
     # nnU-Net's segmentations sit beside the npz (they are not cases of their own)
     sitk.WriteImage(sitk.GetImageFromArray(data["case_000"][0].argmax(0).astype(np.uint8)),
                     str(tmp_path / "pred" / "case_000.nii.gz"))
-    (tmp_path / "pred" / "summary.json").write_text(json.dumps({"foreground_mean": {"Dice": 0.5},
-                                                                "mean": {"1": {"Dice": 0.4}, "2": {"Dice": 0.6}}}))
+    nnunet_summary(tmp_path / "pred" / "summary.json", {1: 0.4, 2: 0.6}, ["case_000"])
     report = calibrate_prediction_folder(tmp_path / "pred", tmp_path / "gt", tmp_path / "out",
                                          num_processes=num_processes)
     assert strict_json(tmp_path / "out" / "calibration.json") == json.loads(json.dumps(report))
     assert (tmp_path / "out" / "reliability.png").is_file()
     assert report["class_names"] == CLASS_NAMES
-    assert report["dice"]["foreground_mean"] == 0.5
+    assert report["dice"]["foreground_mean"] == pytest.approx(0.5)
+    assert report["coverage"] == {"calibration": sorted(data), "segmentation": ["case_000"],
+                                  "nnunet_dice": ["case_000"]}
     for case, (probabilities, gt) in data.items():
         expected = expected_foreground(probabilities, gt)
         metrics = report["metric_per_case"][case]["foreground"]
@@ -267,6 +291,27 @@ def test_calibrate_validation_folder_writes_beside_the_predictions(tmp_path):
     write_prediction_folder(trainer / "fold_0" / "validation", tmp_path / "gt", model_folder=trainer)
     calibrate_prediction_folder(trainer / "fold_0" / "validation", tmp_path / "gt")
     assert (trainer / "fold_0" / "validation" / "calibration.json").is_file()
+
+
+def test_a_validation_folder_against_gt_segmentations_covers_its_folds_validation_cases(tmp_path):
+    """nnU-Net's gt_segmentations hold every training case; a fold's validation folder must hold the fold's
+    validation cases (splits_final.json beside it), and only those."""
+    validation = tmp_path / "results" / "Trainer__nnUNetPlans__3d_fullres" / "fold_1" / "validation"
+    preprocessed = tmp_path / "preprocessed" / "Dataset001_X"
+    write_prediction_folder(validation, preprocessed / "gt_segmentations", model_folder=validation.parents[1])
+    shutil.copy(validation.parents[1] / "dataset.json", preprocessed)
+    shutil.copy(preprocessed / "gt_segmentations" / "case_000.nii.gz", preprocessed / "gt_segmentations" / "t.nii.gz")
+    splits = [{"train": [], "val": []}, {"train": ["t"], "val": ["case_000", "case_001", "case_002"]}]
+    (preprocessed / "splits_final.json").write_text(json.dumps(splits))
+    gt_cases = ["case_000", "case_001", "case_002", "t"]
+    assert expected_cases(validation, preprocessed / "gt_segmentations", gt_cases)[0] == gt_cases[:3]
+    assert expected_cases(tmp_path, preprocessed / "gt_segmentations", gt_cases)[0] == gt_cases  # not a fold's
+    assert sorted(calibrate_prediction_folder(validation, preprocessed / "gt_segmentations")["metric_per_case"]) == \
+        gt_cases[:3]
+    for path in validation.glob("case_001.*"):
+        path.unlink()
+    with pytest.raises(FileNotFoundError, match="1 of fold 1's validation cases have no prediction .*: case_001"):
+        calibrate_prediction_folder(validation, preprocessed / "gt_segmentations")
 
 
 def _break_no_npz(pred, gt):
@@ -379,3 +424,82 @@ def test_command_line(tmp_path, capsys):
     assert "foreground (mean over 3 cases): ece" in capsys.readouterr().out
     assert (tmp_path / "out" / "calibration.json").is_file()
 
+
+
+# --- `nnunet-margin calibration` on real nnUNetv2_predict output (generated dataset, nnUNetTrainer_demo fold 0) ------
+
+def _calibration(predictions: Path, labels: Path, capsys, *extra: str) -> tuple[int, str, str]:
+    code = cli.main(["calibration", str(predictions), str(labels), *extra])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture()
+def real(shared_test_predictions, shared_models, tmp_path):
+    """Copies of the test set's predictions and labels, to be changed by the test."""
+    shutil.copytree(shared_test_predictions, tmp_path / "predictions")
+    shutil.copytree(shared_models.nnunet.raw / "labelsTs", tmp_path / "labels")
+    return tmp_path / "predictions", tmp_path / "labels"
+
+
+def test_real_predictions_are_reported_with_every_metric_on_every_case(real, capsys):
+    predictions, labels = real
+    code, out, err = _calibration(predictions, labels, capsys)
+    assert code == 0, err
+    report = json.loads((predictions / "calibration.json").read_text())
+    assert report["coverage"] == {"calibration": ["case_010", "case_011"], "segmentation": ["case_010", "case_011"]}
+    assert "warning" not in out and "ground_truth_without_prediction" not in report
+    properties = pickle.loads((predictions / "case_010.pkl").read_bytes())
+    box = CropBox.from_properties(properties)  # the real properties nnU-Net pickled beside the probabilities
+    assert report["metric_per_case"]["case_010"]["crop"]["num_voxels"] <= box.voxels
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda image: image.SetSpacing((1.0, 1.0, 1.5)), r"spacing \(1.5, 1, 1\) \(prediction: \(1, 1, 1\)\)"),
+    (lambda image: image.SetOrigin((0.0, 0.0, 2.0)), r"origin \(0, 0, 2\) \(prediction: \(0, 0, 0\)\)"),
+])
+def test_ground_truth_on_another_grid_is_refused_naming_the_case_and_the_difference(real, capsys, change, named):
+    import SimpleITK as sitk
+
+    predictions, labels = real
+    image = sitk.ReadImage(str(labels / "case_011.nii.gz"))
+    change(image)
+    sitk.WriteImage(image, str(labels / "case_011.nii.gz"))
+    code, _, err = _calibration(predictions, labels, capsys)
+    assert code == 2 and "case case_011" in err and re.search(named, err), err
+    assert "nnU-Net's tolerance" in err and len(err.strip().splitlines()) <= 2
+    assert not (predictions / "calibration.json").exists()
+
+
+def test_ground_truth_without_prediction_is_refused_or_reported(real, capsys):
+    predictions, labels = real
+    for path in predictions.glob("case_011.*"):
+        path.unlink()
+    code, _, err = _calibration(predictions, labels, capsys)
+    assert code == 2 and "1 of the ground-truth cases" in err and "case_011" in err and "--allow-missing" in err
+    assert not (predictions / "calibration.json").exists()
+    code, out, err = _calibration(predictions, labels, capsys, "--allow-missing")
+    assert code == 0, err
+    report = json.loads((predictions / "calibration.json").read_text())
+    assert report["ground_truth_without_prediction"] == ["case_011"] and list(report["metric_per_case"]) == ["case_010"]
+    assert "warning: 1 ground-truth case(s) without a prediction are not in the report: case_011" in out
+
+
+def test_a_missing_segmentation_file_is_reported_per_metric_family(real, capsys):
+    predictions, labels = real
+    (predictions / "case_011.nii.gz").unlink()
+    code, out, err = _calibration(predictions, labels, capsys)
+    assert code == 0, err
+    report = json.loads((predictions / "calibration.json").read_text())
+    assert report["coverage"] == {"calibration": ["case_010", "case_011"], "segmentation": ["case_010"]}
+    assert "segmentation" not in report["metric_per_case"]["case_011"]
+    assert "warning: Dice, HD95 and ASD cover 1 case(s), the calibration metrics 2; without: case_011" in out
+
+
+def test_probabilities_that_do_not_sum_to_one_name_the_case_file(real, capsys):
+    predictions, labels = real
+    npz = predictions / "case_010.npz"
+    probabilities = np.load(npz)["probabilities"]
+    np.savez_compressed(npz, probabilities=probabilities * np.float32(0.9))
+    code, _, err = _calibration(predictions, labels, capsys)
+    assert code == 2 and f"{npz}: probabilities sum to 0.9" in err, err

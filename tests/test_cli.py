@@ -10,8 +10,12 @@ pytestmark = pytest.mark.e2e
 
 
 def test_doctor_passes_in_a_working_environment(nnunet_env):
+    from nnunet_margin.nnunet._seams import SEAMS
+
     result = nnunet_env.run("nnunet-margin", "doctor")
     assert "all checks passed" in result.stdout
+    for name in SEAMS:  # nnU-Net's data formats and trainer hooks as well as its code hooks
+        assert f"[ok] nnU-Net seam {name}\n" in result.stdout, name
     assert "[ok] nnU-Net finds nnUNetTrainerMarginCalib (nnunet_margin.trainers)" in result.stdout
 
 

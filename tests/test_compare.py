@@ -1,5 +1,6 @@
 """`nnunet-margin compare` on calibration reports: per-case scores from calibration.json, the papers' table, the
-report files, and the command line."""
+report files, the command line, wrong-typed reports, and methods evaluated on different cases (on reports of real
+nnUNetv2_predict output)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,15 @@ import csv
 import io
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 
 from nnunet_margin import cli
 from nnunet_margin.calibration import CalibrationStats
-from nnunet_margin.nnunet.calibration_report import write_calibration_report
-from nnunet_margin.nnunet.compare import case_scores, compare, load_method, method_name
+from nnunet_margin.nnunet.prediction_folder import write_calibration_report
+from nnunet_margin.nnunet.compare_reports import case_scores, compare, load_method, method_name
 
 CLASS_NAMES = ["background", "organ", "lesion"]
 
@@ -103,3 +105,66 @@ def test_compare_errors_name_the_problem(tmp_path, capsys):
     write_method(tmp_path / "a", CASES[:2], 2.0, 0.8)
     assert cli.main(["compare", f"x={tmp_path / 'a'}", f"x={tmp_path / 'a'}"]) == 2
     assert "called the same" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("[]", "it holds a JSON list, not an object"),
+    ('{"class_names": ["a", "b"], "metric_per_case": []}', "'metric_per_case' is not an object of cases"),
+    ('{"class_names": "ab", "metric_per_case": {}}', "'class_names' is not a list of class names"),
+    ('{"class_names": ["a", "b"], "metric_per_case": {"c": {"foreground": {"ece": "low"}}}}',
+     "case 'c': the foreground metrics are not numbers"),
+    ('{"class_names": ["a", "b"], "metric_per_case": {"c": {"segmentation": {"dice": [0.5]}}}}',
+     "case 'c': 'segmentation' is not {metric: {class: value}}"),
+    ('{"class_names": ["a", "b"], "metric_per_case": {"c": {}}, "pooled_state": {"foreground": {"n_bins": 3}}}',
+     "its pooled foreground statistics are invalid"),
+])
+def test_a_wrong_typed_report_is_named_with_what_is_wrong(tmp_path, capsys, content, problem):
+    report = tmp_path / "m" / "calibration.json"
+    report.parent.mkdir()
+    report.write_text(content)
+    assert cli.main(["compare", str(report.parent)]) == 2
+    error = capsys.readouterr().err
+    assert f"{report} is not a readable calibration report" in error and problem in error, error
+    assert len(error.strip().splitlines()) <= 2 and "Traceback" not in error
+
+
+@pytest.fixture(scope="module")
+def real_reports(shared_test_predictions, shared_models, tmp_path_factory):
+    """Calibration reports of the test set's real predictions: "all" of both cases, "one" without case_011's
+    prediction (--allow-missing), "no_segmentation" without case_011's segmentation."""
+    root = tmp_path_factory.mktemp("real_reports")
+    labels = shared_models.nnunet.raw / "labelsTs"
+    for name, removed, extra in (("all", [], []), ("one", ["case_011.npz", "case_011.pkl"], ["--allow-missing"]),
+                                 ("no_segmentation", ["case_011.nii.gz"], [])):
+        shutil.copytree(shared_test_predictions, root / name)
+        for file in removed:
+            (root / name / file).unlink()
+        assert cli.main(["calibration", str(root / name), str(labels), *extra]) == 0
+    return root
+
+
+def test_methods_on_different_cases_are_refused_naming_methods_and_cases(real_reports, capsys):
+    capsys.readouterr()
+    assert cli.main(["compare", f"A={real_reports / 'all'}", f"B={real_reports / 'one'}"]) == 2
+    error = capsys.readouterr().err
+    assert "evaluated on different cases" in error and "B lacks case_011" in error and "--common-cases" in error
+    assert cli.main(["compare", f"A={real_reports / 'all'}", f"C={real_reports / 'no_segmentation'}"]) == 2
+    error = capsys.readouterr().err
+    assert "cases with segmentation metrics (Dice, HD95, ASD): C lacks case_011" in error, error
+
+
+def test_common_cases_restricts_every_method_and_says_so(real_reports, tmp_path, capsys):
+    capsys.readouterr()
+    arguments = ["compare", f"A={real_reports / 'all'}", f"B={real_reports / 'one'}",
+                 f"C={real_reports / 'no_segmentation'}", "--common-cases", "-o", str(tmp_path / "out")]
+    assert cli.main(arguments) == 0
+    printed = capsys.readouterr().out
+    comparison, methods = compare(arguments[1:4], common_cases=True)
+    assert [method.left_out for method in methods] == [{"calibration": ["case_011"]}, {},
+                                                       {"calibration": ["case_011"]}]
+    assert (comparison.num_cases[:, comparison.column("ece")] == 1).all()  # case_010, the one every method has
+    only_case = json.loads((real_reports / "all" / "calibration.json").read_text())["metric_per_case"]["case_010"]
+    dice = [value for value in only_case["segmentation"]["dice"].values() if value is not None]
+    assert comparison.mean[comparison.methods.index("A"), comparison.column("dice")] == pytest.approx(np.mean(dice))
+    note = "Compared on the cases all methods have (--common-cases); left out: A: case_011 (cases)"
+    assert note in printed and note in (tmp_path / "out" / "report.md").read_text()

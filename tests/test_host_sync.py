@@ -1,117 +1,55 @@
-"""No host synchronisation in a training step: every loss's forward+backward and every plugin trainer's train_step
-make no call that waits for the device, counted on the CPU both as Python-level tensor methods and as aten ops.
+"""No host synchronisation in a training step: every registry method's loss (forward, backward and, where it has
+one, its validation statistics) and every plugin trainer's train_step make no call that waits for the device, counted
+on the CPU by the one detector of the tests (tests/host_sync.py).
 
-On a GPU each of these calls (`.item()`, `.tolist()`, `bool()`, `float()`, boolean-mask indexing, `nonzero`, ...)
-stalls the pipeline until the device has caught up. nnU-Net's own train_step makes one (`loss.cpu().numpy()`);
-a plugin trainer must make exactly the calls nnU-Net's makes.
+nnU-Net's own train_step makes one (`loss.cpu().numpy()`); a plugin trainer must make exactly the calls nnU-Net's
+makes.
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import inspect
 import json
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-import nnunet_margin.losses as losses_module
-from nnunet_margin import trainers
-from nnunet_margin.losses import SegmentationLoss, margin_offsets
+from nnunet_margin import methods, trainers
 
-SYNC_OPS = {"_local_scalar_dense", "nonzero", "nonzero_static", "masked_select", "equal", "is_nonzero", "item"}
-SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu")
+from host_sync import counting_syncs
+from loss_checks import check_no_host_synchronisation
 
 
-class SyncCounter(TorchDispatchMode):
-    """Counts aten ops that synchronise (and indexing with a boolean mask, which calls nonzero)."""
-
-    def __init__(self, calls: collections.Counter):
-        super().__init__()
-        self.calls = calls
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name in SYNC_OPS:
-            self.calls[f"aten.{name}"] += 1
-        if name in ("index", "index_put", "index_put_") and any(
-                isinstance(index, torch.Tensor) and index.dtype == torch.bool
-                for index in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else [])):
-            self.calls[f"aten.{name}(bool mask)"] += 1
-        return func(*args, **(kwargs or {}))
-
-
-@contextlib.contextmanager
-def counting_syncs():
-    """Yields a Counter of synchronising calls made inside the block."""
-    calls = collections.Counter()
-    originals = {name: getattr(torch.Tensor, name) for name in SYNC_METHODS}
-
-    def counted(name, original):
-        def method(self, *args, **kwargs):
-            calls[f"Tensor.{name}"] += 1
-            return original(self, *args, **kwargs)
-        return method
-
-    for name, original in originals.items():
-        setattr(torch.Tensor, name, counted(name, original))
-    try:
-        with SyncCounter(calls):
-            yield calls
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
-
-
-def all_losses() -> dict[str, SegmentationLoss]:
-    """One instance of every SegmentationLoss the package exports, with an ignore label."""
-    made = {}
-    for name in losses_module.__all__:
-        cls = getattr(losses_module, name)
-        if not (inspect.isclass(cls) and issubclass(cls, SegmentationLoss) and cls is not SegmentationLoss):
-            continue
-        if cls is losses_module.MarginCalibrationLoss:
-            made[name] = cls(*margin_offsets([500, 300, 150, 50]), ignore_index=4)
-        elif cls is losses_module.CALSLoss:
-            made[name] = cls(4, ignore_index=4)
-        else:
-            made[name] = cls(ignore_index=4)
-    return made
-
-
-def test_the_counter_sees_what_it_looks_for():
+@pytest.mark.parametrize("operation, counted", [
+    (lambda t: t.sum().item(), "Tensor.item"),
+    (lambda t: t.nonzero(), "aten.nonzero"),
+    (lambda t: t[t > 0], "aten.index(bool mask)"),
+    (lambda t: bool(t.sum() > 0), "Tensor.__bool__"),
+    (lambda t: torch.equal(t, t), "aten.equal"),
+    (lambda t: t.masked_select(t > 0), "aten.masked_select"),
+    (lambda t: float(t.sum()), "Tensor.__float__"),
+    (lambda t: t.tolist(), "Tensor.tolist"),
+], ids=["item", "nonzero", "mask-index", "bool", "equal", "masked_select", "float", "tolist"])
+def test_the_counter_sees_what_it_looks_for(operation, counted):
     with counting_syncs() as calls:
-        x = torch.randn(4)
-        float(x.sum())
-        x[x > 0]
-        x.tolist()
-    assert calls["Tensor.__float__"] == 1 and calls["Tensor.tolist"] == 1
-    assert calls["aten.index(bool mask)"] == 1
+        operation(torch.randn(3, 4))
+    assert calls[counted] == 1
 
 
-@pytest.mark.parametrize("name", sorted(all_losses()))
-def test_loss_forward_and_backward_make_no_host_synchronisation(name):
-    loss = all_losses()[name]
-    loss.check_inputs = False  # as the trainers use them; the checks are asynchronous asserts otherwise
-    generator = torch.Generator().manual_seed(0)
-    logits = (torch.randn(2, 4, 6, 7, 5, generator=generator) * 3).requires_grad_()
-    target = torch.randint(0, 5, (2, 1, 6, 7, 5), generator=generator)  # label 4 is the ignore label
-    with counting_syncs() as calls:
-        loss(logits, target).backward()
-    assert dict(calls) == {}
-    loss.check_inputs = True
-    with counting_syncs() as calls:
-        loss(logits.detach(), target)
-    assert dict(calls) == {}, "the input checks must stay asynchronous"
+@pytest.mark.parametrize("method", methods.METHODS, ids=lambda method: method.name)
+def test_loss_forward_backward_and_validation_statistics_make_no_host_synchronisation(method):
+    for settings in method.test_settings:
+        check_no_host_synchronisation(method, settings)
 
 
-# One trainer per loss (the named variants differ only in hyper-parameters), Dice variants for the Dice term.
-PLUGIN_TRAINERS = ["nnUNetTrainerWithCalibration", "nnUNetTrainerMarginCalib", "nnUNetTrainerMarginCalibDice",
-                   "nnUNetTrainerMbLS", "nnUNetTrainerMbLSDice", "nnUNetTrainerFocal", "nnUNetTrainerLS",
-                   "nnUNetTrainerECP", "nnUNetTrainerSVLS", "nnUNetTrainerNACL", "nnUNetTrainerHardL1ACE",
-                   "nnUNetTrainerSoftL1ACE", "nnUNetTrainerCALSDice"]
+def one_trainer_per_loss() -> list[str]:
+    """The baseline and, per method, a trainer with nnU-Net's Dice (its Dice variant, or the trainer itself where it
+    has Dice already), so that every term of every plugin loss is stepped once."""
+    chosen = [methods.BASELINE_TRAINER]
+    for method in methods.METHODS:
+        with_dice = [name for name in method.trainers if getattr(trainers, name).dice_weight
+                     and set(method.variants.get(name, {})) <= {"dice_weight"}]
+        chosen.append(with_dice[0] if with_dice else method.trainer)
+    return chosen
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +73,7 @@ def batch_for(trainer) -> dict:
     return {"data": torch.randn(2, 1, *patch, generator=generator), "target": targets}
 
 
-def train_step_calls(trainer) -> collections.Counter:
+def train_step_calls(trainer):
     trainer.network.train()
     batch = batch_for(trainer)
     with counting_syncs() as calls:
@@ -154,12 +92,14 @@ def test_train_step_adds_no_synchronisation_to_nnunets(trainer_inputs):
 
     reference = train_step_calls(initialized(trainers.nnUNetTrainer))
     assert reference == {"Tensor.cpu": 1, "Tensor.numpy": 1}  # nnU-Net's own: l.detach().cpu().numpy()
-    trainer = initialized(trainers.nnUNetTrainerWithCalibration)
+    baseline, *method_trainers = one_trainer_per_loss()
+    trainer = initialized(getattr(trainers, baseline))
     assert train_step_calls(trainer) == reference
-    for name in PLUGIN_TRAINERS[1:]:
+    for name in method_trainers:
         # one initialised trainer, switched to each class: their train_step is shared, their losses differ
         trainer.__class__ = getattr(trainers, name)
         trainer.loss, trainer._part_sums = trainer._build_loss(), None
+        assert "dice" in trainer.loss.loss.terms, name
         assert train_step_calls(trainer) == reference, name
 
     # a diverging network still stops training with a clear message, from nnU-Net's own host copy of the loss

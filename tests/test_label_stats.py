@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from nnunet_margin.losses import EmptyClassError
 from nnunet_margin.nnunet import label_stats
-from nnunet_margin.nnunet._seams import fold_training_cases
+from nnunet_margin.nnunet._seams import fold_cases
 from nnunet_margin.nnunet.label_stats import (LabelSpec, cache_path, case_label_counts, count_labels, total_counts,
                                               user_cache_path)
 from nnunet_margin.nnunet.margin_record import offsets_record
@@ -224,20 +224,21 @@ def test_empty_class_error_names_fold_class_and_fix():
     assert record["counts"] == [90, 5, 0] and all(np.isfinite(record["rho_0k"]))
 
 
-def test_fold_training_cases(tmp_path):
+def test_fold_cases_are_nnunets_split(tmp_path):
     cases = [f"c{i}" for i in range(10)]
-    assert fold_training_cases(tmp_path, cases, None) == cases
-    assert fold_training_cases(tmp_path, cases, "all") == cases
-    generated = fold_training_cases(tmp_path, cases, "1")  # nnU-Net's seeded 5-fold split, computed in memory
-    assert len(generated) == 8 and not (tmp_path / "splits_final.json").exists()
+    assert fold_cases(tmp_path, cases, None) == (cases, cases)
+    assert fold_cases(tmp_path, cases, "all") == (cases, cases)
+    train, validation = fold_cases(tmp_path, cases, "1")  # nnU-Net's seeded 5-fold split, computed in memory
+    assert len(train) == 8 and sorted(train + validation) == cases and not (tmp_path / "splits_final.json").exists()
     (tmp_path / "splits_final.json").write_text(json.dumps([{"train": ["c1", "c2"], "val": ["c3"]}]))
-    assert fold_training_cases(tmp_path, cases, "0") == ["c1", "c2"]
+    assert fold_cases(tmp_path, cases, "0") == (["c1", "c2"], ["c3"])
     # beyond the split file: nnU-Net's seeded 80:20 split (as in nnUNetTrainer.do_split)
     rnd = np.random.RandomState(seed=12345 + 4)
-    expected = [cases[i] for i in rnd.choice(10, 8, replace=False)]  # the cases are already sorted
-    assert fold_training_cases(tmp_path, cases, "4") == expected
+    chosen = rnd.choice(10, 8, replace=False)
+    expected_train = [cases[i] for i in chosen]  # the cases are already sorted
+    assert fold_cases(tmp_path, cases, "4") == (expected_train, [c for i, c in enumerate(cases) if i not in chosen])
     with pytest.raises(ValueError, match="fold must be a number or 'all'"):
-        fold_training_cases(tmp_path, cases, "x")
+        fold_cases(tmp_path, cases, "x")
 
 
 def test_label_stats_command(nnunet_env):

@@ -8,7 +8,7 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
 from nnunet_margin.losses import MbLSLoss
-from nnunet_margin.nnunet.loss_assembly import DeepSupervisedLoss, LossTerms, MaskedSoftDice, deep_supervision_weights
+from nnunet_margin.nnunet.loss_assembly import DeepSupervisedLoss, LossTerms, SoftDiceLoss, deep_supervision_weights
 
 
 @pytest.mark.parametrize("num_outputs, is_ddp, compiled, expected", [
@@ -44,7 +44,7 @@ def test_dice_plus_mbls_without_penalty_equals_nnunet_default_loss(ignore_label)
     outputs, targets = multiscale_inputs(ignore_label=ignore_label)
     weights = deep_supervision_weights(3, False, False)
     ours = DeepSupervisedLoss(LossTerms(mbls=(1.0, MbLSLoss(alpha=0.0, ignore_index=ignore_label)),
-                                        dice=(1.0, MaskedSoftDice(False, False, ignore_label))), weights)
+                                        dice=(1.0, SoftDiceLoss(False, False, ignore_label))), weights)
     reference = DeepSupervisionWrapper(nnunet_default_loss(ignore_label), weights)
     ours_inputs = [o.clone().requires_grad_() for o in outputs]
     reference_inputs = [o.clone().requires_grad_() for o in outputs]
@@ -60,7 +60,7 @@ def test_dice_plus_mbls_without_penalty_equals_nnunet_default_loss(ignore_label)
 def test_components_are_weighted_like_the_loss():
     outputs, targets = multiscale_inputs()
     weights = [0.6, 0.4, 0.0]
-    terms = LossTerms(mbls=(1.0, MbLSLoss(margin=0.5, alpha=0.3)), dice=(2.0, MaskedSoftDice(False, False, None)))
+    terms = LossTerms(mbls=(1.0, MbLSLoss(margin=0.5, alpha=0.3)), dice=(2.0, SoftDiceLoss(False, False)))
     loss = DeepSupervisedLoss(terms, weights)
     total = loss(outputs, targets)
     assert set(loss.components) == {"mbls_ce", "mbls_penalty", "dice"}
@@ -86,3 +86,9 @@ def test_deep_supervision_rejects_more_outputs_than_weights():
     outputs, targets = multiscale_inputs()
     with pytest.raises(ValueError, match="3 outputs and 3 targets for 2"):
         DeepSupervisedLoss(LossTerms(mbls=(1.0, MbLSLoss())), [0.5, 0.5])(outputs, targets)
+
+
+def test_loss_terms_are_segmentation_losses_only():
+    """A raw torch loss would get nnU-Net's (B, 1, ...) target unchecked and no ignore label."""
+    with pytest.raises(TypeError, match="term 'ce' a CrossEntropyLoss, which is no nnunet_margin.losses."):
+        LossTerms(ce=(1.0, torch.nn.CrossEntropyLoss()))

@@ -64,9 +64,10 @@ def environment(shared_models):
 
 
 @pytest.fixture(scope="module")
-def predicted(shared_models, environment, tmp_path_factory):
+def predicted(shared_models, shared_test_predictions, environment, tmp_path_factory):
     """Folders: `margin` (nnunet-margin predict -f 0 1 with an export worker), `nnunet` (nnUNetv2_predict -f 0 1),
-    `fold_0` and `fold_1` (nnU-Net's predictor with one fold each, in this process), all --save_probabilities."""
+    and each fold's own prediction: folds[0] nnUNetv2_predict -f 0 (the session's shared one), folds[1] nnU-Net's
+    predictor with fold 1 in this process; all --save_probabilities."""
     model = shared_models.model(TRAINER, ("0", "1"))
     images = environment.raw / "imagesTs"
     root = tmp_path_factory.mktemp("predict")
@@ -79,12 +80,12 @@ def predicted(shared_models, environment, tmp_path_factory):
         margin_run, _ = pool.map(lambda command: environment.run(*command), commands)
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    for fold in (0, 1):
-        predictor = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False)
-        predictor.initialize_from_trained_model_folder(str(model), (fold,), "checkpoint_final.pth")
-        (root / f"fold_{fold}").mkdir()
-        predictor.predict_from_files_sequential(str(images), str(root / f"fold_{fold}"), save_probabilities=True)
-    return {"root": root, "model": model, "images": images, "stdout": margin_run.stdout}
+    predictor = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model), (1,), "checkpoint_final.pth")
+    (root / "fold_1").mkdir()
+    predictor.predict_from_files_sequential(str(images), str(root / "fold_1"), save_probabilities=True)
+    return {"root": root, "model": model, "images": images, "stdout": margin_run.stdout,
+            "folds": (shared_test_predictions, root / "fold_1")}
 
 
 def test_segmentations_and_probabilities_are_nnunets_own(predicted):
@@ -104,7 +105,7 @@ def test_maps_equal_an_independent_computation_from_each_folds_probabilities(pre
     root = predicted["root"]
     maps = root / "margin" / "uncertainty_maps"
     for case in CASES:
-        p0, p1 = probabilities(root / "fold_0", case), probabilities(root / "fold_1", case)
+        p0, p1 = (probabilities(folder, case) for folder in predicted["folds"])
         segmentation = read(root / "margin" / f"{case}.nii.gz")
         # the ensemble averages logits: softmax(mean log p) = softmax(mean logits), the log-sum-exp cancelling
         log_mean = (np.log(p0) + np.log(p1)) / 2
@@ -150,7 +151,7 @@ def test_scores_equal_a_direct_computation(predicted):
         assert scores["mutual_information_foreground"] == pytest.approx(mutual_information[foreground].mean())
         assert scores["mutual_information_boundary"] == pytest.approx(mutual_information[band].mean())
         # the members' segmentations are each fold's own nnU-Net segmentation
-        folds = [read(root / f"fold_{fold}" / f"{case}.nii.gz") for fold in (0, 1)]
+        folds = [read(folder / f"{case}.nii.gz") for folder in predicted["folds"]]
         millilitres = np.prod(spacing) / 1000
         dice = []
         for label, name in ((1, "organ"), (2, "lesion"), (3, "rare_spot")):
@@ -176,7 +177,7 @@ def test_one_fold_writes_entropy_only(predicted, tmp_path, capsys):
     assert "one member (fold_0)" in capsys.readouterr().out
     assert sorted(path.name for path in (output / "uncertainty_maps").iterdir()) == \
         sorted(f"{case}{suffix}" for case in CASES for suffix in (".json", "_entropy.nii.gz"))
-    fold_0 = predicted["root"] / "fold_0"
+    fold_0 = predicted["folds"][0]
     for case in CASES:
         np.testing.assert_array_equal(read(output / f"{case}.nii.gz"), read(fold_0 / f"{case}.nii.gz"))
         # one member: the ensemble is the fold itself, so the entropy is the fold's own, everywhere
@@ -190,9 +191,8 @@ def test_average_probabilities_is_the_mean_of_the_folds_probabilities(predicted,
     output = tmp_path / "average"
     assert run_cli("-i", str(predicted["images"]), "-o", str(output), "-m", str(predicted["model"]), "-f", "0", "1",
                    "--average", "probabilities", "--maps", "entropy", "--save_probabilities") == 0
-    root = predicted["root"]
     for case in CASES:
-        mean = (probabilities(root / "fold_0", case) + probabilities(root / "fold_1", case)) / 2
+        mean = sum(probabilities(folder, case) for folder in predicted["folds"]) / 2
         np.testing.assert_allclose(probabilities(output, case), mean, atol=1e-6)
         segmentation = read(output / f"{case}.nii.gz")
         top_two = np.sort(mean, axis=0)[-2:]

@@ -8,10 +8,7 @@ import os
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_margin.trainers import (nnUNetTrainerCALS, nnUNetTrainerECP, nnUNetTrainerFocal, nnUNetTrainerHardL1ACE,
-                                    nnUNetTrainerLS, nnUNetTrainerMarginCalib, nnUNetTrainerMarginCalibDice,
-                                    nnUNetTrainerMbLS, nnUNetTrainerMbLSDice, nnUNetTrainerNACL,
-                                    nnUNetTrainerSoftL1ACE, nnUNetTrainerSVLS, nnUNetTrainerWithCalibration)
+from nnunet_margin import methods, trainers
 
 
 class ShortSchedule:
@@ -38,9 +35,8 @@ def _short(trainer: type) -> type:
     return type(f"{trainer.__name__}_demo", (ShortSchedule, trainer), {"__module__": __name__})
 
 
-# nnU-Net finds trainers by class name in this module's namespace.
-for _trainer in (nnUNetTrainer, nnUNetTrainerWithCalibration, nnUNetTrainerMarginCalib, nnUNetTrainerMarginCalibDice,
-                 nnUNetTrainerMbLS, nnUNetTrainerMbLSDice, nnUNetTrainerFocal, nnUNetTrainerLS, nnUNetTrainerECP,
-                 nnUNetTrainerSVLS, nnUNetTrainerNACL, nnUNetTrainerHardL1ACE, nnUNetTrainerSoftL1ACE,
-                 nnUNetTrainerCALS):
+# nnU-Net finds trainers by class name in this module's namespace: nnU-Net's default and every trainer and variant of
+# the method registry, each as <name>_demo.
+for _trainer in [nnUNetTrainer] + [getattr(trainers, name) for name in methods.trainer_names()]:
     globals()[f"{_trainer.__name__}_demo"] = _short(_trainer)
+del _trainer

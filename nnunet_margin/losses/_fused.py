@@ -1,8 +1,13 @@
-"""Shared backward of the fused losses: the gradient is computed in the forward pass and only scaled in backward.
+"""What the fused losses share: the backward that only scales a gradient computed in the forward pass, and the
+cross-entropy written once.
 
-A fused loss is a `torch.autograd.Function` subclass of `PrecomputedGradient` whose `forward` returns the total
+Every fused loss is a `torch.autograd.Function` subclass of `PrecomputedGradient` whose `forward` returns the total
 first (then any detached terms) and, when `ctx.needs_input_grad[0]`, stores d total / d logits with
 `save_gradient`. This keeps the buffers of a plain autograd graph (softmax, one-hot, soft targets) out of memory.
+
+The cross-entropy of the losses that contain one (MbLS, ECP, NACL, CALS; label smoothing uses the gradient half)
+is `log_softmax_cross_entropy` (log p in one logits-sized buffer, and the mean -log p_y) followed, for the gradient,
+by `subtract_target_` on that buffer turned into p (or into whatever the loss adds to p).
 """
 
 from __future__ import annotations
@@ -32,3 +37,24 @@ class PrecomputedGradient(torch.autograd.Function):
 def voxel_chunks(tensor: torch.Tensor, step: int):
     """Slices of the last (voxel) axis of length `step`."""
     return (slice(start, start + step) for start in range(0, tensor.shape[-1], step))
+
+
+def log_softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None,
+                              divisor: torch.Tensor, out: torch.Tensor | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p = log_softmax(logits) (in `out` if given) and CE = -sum over counted voxels of log p_y / divisor."""
+    log_p = torch.log_softmax(logits, dim=1) if out is None else torch.log_softmax(logits, dim=1, out=out)
+    picked = log_p.gather(1, target)
+    if valid is not None:
+        picked = picked * valid
+    return log_p, picked.sum().neg() / divisor
+
+
+def subtract_target_(gradient: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None,
+                     divisor: torch.Tensor, target_weight: float = 1.0) -> torch.Tensor:
+    """In place: (gradient - target_weight * onehot(y)) on the counted voxels, 0 on the ignored ones, / divisor.
+    With gradient = p this is d CE / d logits."""
+    gradient.scatter_add_(1, target, torch.full_like(target, -target_weight, dtype=gradient.dtype))
+    if valid is not None:
+        gradient.masked_fill_(~valid, 0.0)
+    return gradient.div_(divisor)

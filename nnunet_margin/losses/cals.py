@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ._fused import PrecomputedGradient, voxel_chunks
+from ._fused import PrecomputedGradient, log_softmax_cross_entropy, subtract_target_, voxel_chunks
 from ._inputs import FlatInputs, check_finite_number, chunk_voxels, flatten_inputs
 from .base import SegmentationLoss
 
@@ -33,18 +33,10 @@ class _CALSFunction(PrecomputedGradient):
     def forward(ctx, logits, target, valid, num_valid, lambdas, rhos, margin):
         num_classes = logits.shape[1]
         divisor = num_valid.clamp_min(1.0)
-        buffer = torch.log_softmax(logits, dim=1)
-        picked = buffer.gather(1, target)
-        if valid is not None:
-            picked = picked * valid
-        ce = picked.sum().neg() / divisor
+        log_p, ce = log_softmax_cross_entropy(logits, target, valid, divisor)
         needs_grad = ctx.needs_input_grad[0]
         if needs_grad:
-            gradient = buffer.exp_()
-            gradient.scatter_add_(1, target, torch.full_like(picked, -1.0))
-            if valid is not None:
-                gradient.mul_(valid)
-            gradient /= divisor
+            gradient = subtract_target_(log_p.exp_(), target, valid, divisor)
         slope = 1.0 / (margin * divisor * num_classes)  # 0-d tensor: d mean / d(margin * h)
 
         lambdas, rhos = lambdas.view(1, -1, 1), rhos.view(1, -1, 1)
@@ -96,7 +88,8 @@ class CALSLoss(SegmentationLoss):
     from that epoch's statistics (computed with the lambda and rho epoch e trained with), and on every
     `rho_step`-th call (epochs 10, 20, ... counting from 1) rho_k = clamp(rho_growth * rho_k, rho_min, rho_max)
     where mean_i h_ik > rho_tolerance * max(previous epoch's mean h_k, 0). Epoch e + 1 trains with the new values.
-    Under torch.distributed the sums and voxel counts are all-reduced first, so every rank gets the pooled means.
+    Under torch.distributed the sums and voxel counts are all-reduced first, so every rank gets the means over all
+    ranks' voxels (the released code averages per-rank means; docs/methods.md 4g, "Differs from the released code").
     Ignored voxels are left out of the statistics.
     """
 

@@ -14,6 +14,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
+from ._fused import PrecomputedGradient
 from ._inputs import FlatInputs, check_finite_number, chunk_voxels
 from .base import SegmentationLoss
 
@@ -94,7 +95,7 @@ def _softplus_sum(values: torch.Tensor) -> torch.Tensor:
     return sum(torch.nn.functional.softplus(chunk).sum() for chunk in values.split(chunk_voxels(values), dim=2))
 
 
-class _MarginCalibrationFunction(torch.autograd.Function):
+class _MarginCalibrationFunction(PrecomputedGradient):
     """Fused forward and gradient, O(voxels x K) time and one logits-sized buffer.
 
     a_ik = lambda_ik + rho_0k (k != y_i) or rho_{y_i,0} - lambda_{i,y_i} (k = y_i), with
@@ -135,18 +136,8 @@ class _MarginCalibrationFunction(torch.autograd.Function):
             grad.scatter_add_(1, winner, at_winner - grad.sum(1, keepdim=True))
             grad.scatter_add_(1, runner_up, -at_winner)
             grad *= scale_out * slope
-            ctx.save_for_backward(grad)
-            ctx.grad_used = False
+            PrecomputedGradient.save_gradient(ctx, grad, "MarginCalibrationLoss")
         return loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        if ctx.grad_used:
-            raise RuntimeError("MarginCalibrationLoss supports a single backward pass per forward (no retain_graph)")
-        ctx.grad_used = True
-        (grad,) = ctx.saved_tensors
-        return grad.mul_(grad_output), None, None, None, None, None, None, None
 
 
 class MarginCalibrationLoss(SegmentationLoss):
@@ -183,10 +174,11 @@ class MarginCalibrationLoss(SegmentationLoss):
 
     @classmethod
     def from_counts(cls, counts: Sequence[float] | torch.Tensor, tau: float = 10.0, upsilon: float = 1.0,
-                    empty_classes: str = "error", **kwargs) -> "MarginCalibrationLoss":
-        """Build the loss from per-class voxel counts (background first)."""
+                    empty_classes: str = "error", form: str = "released",
+                    ignore_index: int | None = None) -> "MarginCalibrationLoss":
+        """Build the loss from per-class voxel counts (background first), with the offsets of `margin_offsets`."""
         offsets = margin_offsets(counts, tau=tau, upsilon=upsilon, empty_classes=empty_classes)
-        return cls(offsets.rho_k0, offsets.rho_0k, **kwargs)
+        return cls(offsets.rho_k0, offsets.rho_0k, form=form, ignore_index=ignore_index)
 
     @property
     def num_classes(self) -> int:

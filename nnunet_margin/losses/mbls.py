@@ -8,15 +8,14 @@ The formulas follow docs/methods.md section 2.
 
 from __future__ import annotations
 
-import torch
-
+from ._fused import PrecomputedGradient, log_softmax_cross_entropy, subtract_target_, voxel_chunks
 from ._inputs import FlatInputs, check_finite_number, chunk_voxels
 from .base import SegmentationLoss
 
 SCHEDULES = ("add", "multiply", "step")
 
 
-class _MbLSFunction(torch.autograd.Function):
+class _MbLSFunction(PrecomputedGradient):
     """Fused CE + alpha * mean ReLU(max_j z_j - z_k - margin) with its gradient computed in the forward pass.
 
     One logits-sized buffer holds log p, then the gradient; the penalty runs over chunks of voxels, so it needs no
@@ -26,26 +25,15 @@ class _MbLSFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, valid, divisor, margin, alpha):
         num_classes = logits.shape[1]
-        buffer = torch.log_softmax(logits, dim=1)
-        picked = buffer.gather(1, target)
-        if valid is not None:
-            picked = picked * valid
-        ce = -picked.sum() / divisor
-
+        log_p, ce = log_softmax_cross_entropy(logits, target, valid, divisor)
         needs_grad = ctx.needs_input_grad[0]
         if needs_grad:
-            grad = buffer.exp_()  # softmax
-            grad.scatter_add_(1, target, torch.full_like(picked, -1.0))
-            if valid is not None:
-                grad.masked_fill_(~valid, 0.0)
-            grad /= divisor
+            grad = subtract_target_(log_p.exp_(), target, valid, divisor)
         coefficient = alpha / (divisor * num_classes)  # 0-d tensor: d penalty term / d excess
 
         best, winner = logits.max(dim=1, keepdim=True)
         penalty = logits.new_zeros(())
-        step = chunk_voxels(logits)
-        for start in range(0, logits.shape[2], step):
-            part = slice(start, start + step)
+        for part in voxel_chunks(logits, chunk_voxels(logits)):
             excess = (best[:, :, part] - margin) - logits[:, :, part]  # max(z) - z - m
             excess.clamp_min_(0.0)
             if valid is not None:
@@ -59,19 +47,9 @@ class _MbLSFunction(torch.autograd.Function):
         total = ce + alpha * penalty
 
         if needs_grad:
-            ctx.save_for_backward(grad)
-            ctx.grad_used = False
+            PrecomputedGradient.save_gradient(ctx, grad, "MbLSLoss")
         ctx.mark_non_differentiable(ce, penalty)
         return total, ce, penalty
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_total, grad_ce, grad_penalty):
-        if ctx.grad_used:
-            raise RuntimeError("MbLSLoss supports a single backward pass per forward (no retain_graph)")
-        ctx.grad_used = True
-        (grad,) = ctx.saved_tensors
-        return grad.mul_(grad_total), None, None, None, None, None
 
 
 class MbLSLoss(SegmentationLoss):

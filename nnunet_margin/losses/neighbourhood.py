@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from ._fused import PrecomputedGradient, voxel_chunks
+from ._fused import PrecomputedGradient, log_softmax_cross_entropy, subtract_target_, voxel_chunks
 from ._inputs import FlatInputs, check_finite_number, chunk_voxels
 from .base import SegmentationLoss
 
@@ -194,17 +194,9 @@ class _NACLFunction(PrecomputedGradient):
                     difference.sign_().mul_(-slope)
         penalty = penalty / (divisor * num_classes)
 
-        torch.log_softmax(logits, dim=1, out=spare)
-        ce = spare.gather(1, target)
-        if valid is not None:
-            ce = ce * valid
-        ce = ce.sum().neg() / divisor
+        log_p, ce = log_softmax_cross_entropy(logits, target, valid, divisor, out=spare)
         if needs_grad:
-            gradient = spare.exp_()
-            gradient.scatter_add_(1, target, torch.full_like(target, -1, dtype=gradient.dtype))
-            if valid is not None:
-                gradient.mul_(valid)
-            gradient.div_(divisor).add_(tau)
+            gradient = subtract_target_(log_p.exp_(), target, valid, divisor).add_(tau)
             PrecomputedGradient.save_gradient(ctx, gradient, "NACLLoss")
         penalty = alpha * penalty
         ctx.mark_non_differentiable(ce, penalty)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._fused import PrecomputedGradient, voxel_chunks
+from ._fused import PrecomputedGradient, log_softmax_cross_entropy, subtract_target_, voxel_chunks
 from ._inputs import FlatInputs, check_finite_number, chunk_voxels
 from .base import SegmentationLoss
 
@@ -69,11 +69,8 @@ class _LabelSmoothingFunction(PrecomputedGradient):
         per_voxel = (1.0 - epsilon) * buffer.gather(1, target) + (epsilon / num_classes) * buffer.sum(1, keepdim=True)
         loss = _mask(per_voxel, valid).sum().neg() / divisor
         if ctx.needs_input_grad[0]:
-            gradient = buffer.exp_().sub_(epsilon / num_classes)
-            gradient.scatter_add_(1, target, torch.full_like(per_voxel, epsilon - 1.0))
-            if valid is not None:
-                gradient.mul_(valid)
-            gradient.div_(divisor)
+            gradient = subtract_target_(buffer.exp_().sub_(epsilon / num_classes), target, valid, divisor,
+                                        target_weight=1.0 - epsilon)
             PrecomputedGradient.save_gradient(ctx, gradient, "LabelSmoothingLoss")
         return loss
 
@@ -107,8 +104,7 @@ class _ConfidencePenaltyFunction(PrecomputedGradient):
 
     @staticmethod
     def forward(ctx, logits, target, valid, divisor, beta):
-        buffer = torch.log_softmax(logits, dim=1)
-        ce = _mask(buffer.gather(1, target), valid).sum().neg() / divisor
+        buffer, ce = log_softmax_cross_entropy(logits, target, valid, divisor)
         needs_grad = ctx.needs_input_grad[0]
         entropy_sum = logits.new_zeros(())
         for part in voxel_chunks(buffer, chunk_voxels(buffer)):
@@ -121,12 +117,8 @@ class _ConfidencePenaltyFunction(PrecomputedGradient):
             del p, entropy  # before the next chunk's
         penalty = entropy_sum.neg() * beta / divisor
         if needs_grad:
-            gradient = buffer
-            gradient.scatter_add_(1, target, torch.full_like(target, -1, dtype=gradient.dtype))
-            if valid is not None:
-                gradient.mul_(valid)
-            gradient.div_(divisor)
-            PrecomputedGradient.save_gradient(ctx, gradient, "ConfidencePenaltyLoss")
+            PrecomputedGradient.save_gradient(ctx, subtract_target_(buffer, target, valid, divisor),
+                                              "ConfidencePenaltyLoss")
         ctx.mark_non_differentiable(ce, penalty)
         return ce + penalty, ce, penalty
 

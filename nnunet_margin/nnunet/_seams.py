@@ -10,12 +10,15 @@ naming the seams to re-verify; it never breaks nnU-Net's trainer lookup.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
 import inspect
 import io
 import itertools
 import json
+import tempfile
+import textwrap
 import warnings
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -30,6 +33,8 @@ from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as _trainer_module
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from . import layout
 
 VERIFIED_VERSIONS = ("2.8.0", "2.8.1")
 NNUNET_VERSION = version("nnunetv2")
@@ -74,6 +79,19 @@ def _source(function: Callable) -> str:
     return inspect.getsource(function)
 
 
+def _subscript_keys(function: Callable, name: str) -> set[str]:
+    """The string keys `function` uses on the variable `name`: in `name[...]` and in a dict literal assigned to it."""
+    keys = set()
+    for node in ast.walk(ast.parse(textwrap.dedent(_source(function)))):
+        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id == name \
+                and isinstance(node.slice, ast.Constant):
+            keys.add(node.slice.value)
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict) \
+                and any(isinstance(target, ast.Name) and target.id == name for target in node.targets):
+            keys.update(key.value for key in node.value.keys if isinstance(key, ast.Constant))
+    return keys
+
+
 # --- training ----------------------------------------------------------------------------------------------------
 
 def deep_supervision_output_count(trainer: nnUNetTrainer) -> int:
@@ -94,6 +112,32 @@ def _check_deep_supervision() -> None:
     source = _source(nnUNetTrainer._build_loss)
     _require("deep_supervision", "len(deep_supervision_scales)" in source and "weights[-1] = 1e-6" in source,
              "nnUNetTrainer._build_loss weights the deep-supervision outputs differently")
+
+
+def train_step_loss(result: dict) -> np.ndarray:
+    """The loss in the result of nnU-Net's train_step: the host (numpy) copy nnU-Net makes of it anyway, so reading it
+    adds no synchronisation with the GPU."""
+    return result["loss"]
+
+
+@_seam("train_step_result", "nnUNetTrainer.train_step returns {'loss': the loss's host copy as a numpy array}")
+def _check_train_step_result() -> None:
+    _require("train_step_result", "return {'loss': l.detach().cpu().numpy()}" in _source(nnUNetTrainer.train_step),
+             "train_step no longer returns {'loss': l.detach().cpu().numpy()}")
+
+
+@_seam("build_loss_hook", "nnUNetTrainer.initialize builds the loss by calling self._build_loss(), which the plugin's "
+                          "trainers override")
+def _check_build_loss_hook() -> None:
+    _require("build_loss_hook", "self.loss = self._build_loss()" in _source(nnUNetTrainer.initialize),
+             "initialize no longer sets self.loss = self._build_loss()")
+
+
+@_seam("validation_step_loss", "nnUNetTrainer.validation_step calls self.loss(output, target) on every validation "
+                               "batch (CALS observes the validation logits there)")
+def _check_validation_step_loss() -> None:
+    _require("validation_step_loss", "self.loss(output, target)" in _source(nnUNetTrainer.validation_step),
+             "validation_step no longer calls self.loss(output, target)")
 
 
 def register_log_key(trainer: nnUNetTrainer, key: str) -> None:
@@ -118,24 +162,26 @@ def fold_split(trainer: nnUNetTrainer) -> tuple[list[str], list[str]]:
     return list(train), list(validation)
 
 
-def fold_training_cases(preprocessed_dataset_folder: Path, all_cases: list[str], fold: str | None) -> list[str]:
-    """The training cases of `fold` as nnU-Net's do_split defines them, read-only (no splits file is written), for
-    commands that run outside a trainer."""
+def fold_cases(preprocessed_dataset_folder: Path, all_cases: list[str], fold: str | None
+               ) -> tuple[list[str], list[str]]:
+    """The training and validation cases of `fold` as nnU-Net's do_split defines them (every case for no fold or
+    "all"), read-only (no splits file is written), for commands that run outside a trainer."""
     from nnunetv2.utilities.crossval_split import generate_crossval_split
 
     if fold is None or fold == "all":
-        return all_cases
+        return list(all_cases), list(all_cases)
     if not fold.isdigit():
         raise ValueError(f"fold must be a number or 'all', got {fold!r}")
-    splits_file = preprocessed_dataset_folder / "splits_final.json"
+    splits_file = Path(preprocessed_dataset_folder) / layout.SPLITS_FILE
     splits = json.loads(splits_file.read_text()) if splits_file.is_file() else \
         generate_crossval_split(sorted(all_cases), seed=12345, n_splits=5)
     if int(fold) < len(splits):
-        return list(splits[int(fold)]["train"])
+        return list(splits[int(fold)]["train"]), list(splits[int(fold)]["val"])
     # nnU-Net's do_split for a fold beyond the split file: a seeded random 80:20 split
     keys = np.sort(all_cases)
     chosen = np.random.RandomState(seed=12345 + int(fold)).choice(len(keys), int(len(keys) * 0.8), replace=False)
-    return [str(keys[index]) for index in chosen]
+    return ([str(keys[index]) for index in chosen],
+            [str(key) for index, key in enumerate(keys) if index not in set(chosen.tolist())])
 
 
 @_seam("split", "nnUNetTrainer.do_split uses splits_final.json, else a seeded 5-fold split, and a seeded random 80:20 "
@@ -143,7 +189,8 @@ def fold_training_cases(preprocessed_dataset_folder: Path, all_cases: list[str],
 def _check_split() -> None:
     source = _source(nnUNetTrainer.do_split)
     for expected in ("generate_crossval_split(all_keys_sorted, seed=12345, n_splits=5)",
-                     "np.random.RandomState(seed=12345 + self.fold)", "int(len(keys) * 0.8)"):
+                     "np.random.RandomState(seed=12345 + self.fold)", "int(len(keys) * 0.8)",
+                     "idx_val = [i for i in range(len(keys)) if i not in idx_tr]"):
         _require("split", expected in source, f"do_split no longer contains `{expected}`")
 
 
@@ -402,6 +449,201 @@ def _check_network() -> None:
     _require("network", "seg_layers" in _source(UNetDecoder.__init__), "UNetDecoder has no seg_layers")
 
 
+# --- nnU-Net's files (read by layout.py) ------------------------------------------------------------------------
+
+def _mentions(source: str, name: str) -> bool:
+    """Whether `source` holds the string literal `name` (either quote)."""
+    return f"'{name}'" in source or f'"{name}"' in source
+
+
+def _write_label_map(path: Path, array: np.ndarray, spacing: tuple[float, ...] = (1.0, 1.0, 1.0),
+                     origin: tuple[float, ...] = (0.0, 0.0, 0.0)) -> str:
+    """A small label map written by SimpleITK (as nnU-Net's SimpleITKIO writes segmentations)."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(array.astype(np.uint8))
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    sitk.WriteImage(image, str(path))
+    return str(path)
+
+
+@_seam("checkpoint_schema", f"nnUNetTrainer.save_checkpoint writes a dict with '{layout.CHECKPOINT_WEIGHTS}' and "
+                            f"'{layout.CHECKPOINT_TRAINER}' and no key '{layout.PLUGIN_CHECKPOINT_KEY}' (the "
+                            f"plugin's); "
+                            f"nnUNetPredictor rebuilds the network of checkpoint['{layout.CHECKPOINT_TRAINER}'] and "
+                            f"loads checkpoint['{layout.CHECKPOINT_WEIGHTS}']")
+def _check_checkpoint_schema() -> None:
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    written = _subscript_keys(nnUNetTrainer.save_checkpoint, "checkpoint")
+    _require("checkpoint_schema", set(layout.CHECKPOINT_KEYS_READ) <= written,
+             f"save_checkpoint writes the keys {sorted(written)}, not {list(layout.CHECKPOINT_KEYS_READ)}")
+    _require("checkpoint_schema", layout.PLUGIN_CHECKPOINT_KEY not in written,
+             f"nnU-Net's checkpoints now have a key '{layout.PLUGIN_CHECKPOINT_KEY}' of their own")
+    read = _subscript_keys(nnUNetPredictor.initialize_from_trained_model_folder, "checkpoint")
+    _require("checkpoint_schema", set(layout.CHECKPOINT_KEYS_READ) <= read,
+             f"nnUNetPredictor reads the checkpoint keys {sorted(read)}, not {list(layout.CHECKPOINT_KEYS_READ)}")
+
+
+@_seam("summary_json", f"perform_actual_validation writes validation/{layout.SUMMARY_FILE} with "
+                       f"compute_metrics_on_folder after every case's export has finished; it holds 'metric_per_case' "
+                       f"(each with 'prediction_file'), 'mean' (per label value as a string) and 'foreground_mean', "
+                       f"each with the 'Dice'")
+def _check_summary_json() -> None:
+    from nnunetv2.evaluation import evaluate_predictions as evaluation
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.utilities.json_export import recursive_fix_for_json_export
+
+    source = _source(nnUNetTrainer.perform_actual_validation)
+    exports_done, summary_written = source.find("[r.get() for r in results]"), source.find("compute_metrics_on_folder(")
+    _require("summary_json", 0 <= exports_done < summary_written,
+             "perform_actual_validation no longer writes the summary after waiting for every case's export")
+    _require("summary_json", f"join(validation_output_folder, '{layout.SUMMARY_FILE}')" in source,
+             f"the validation's summary is no longer validation/{layout.SUMMARY_FILE}")
+    _require("summary_json", "{'metric_per_case': results, 'mean': means, 'foreground_mean': foreground_mean}"
+             in _source(evaluation.compute_metrics_on_folder), "compute_metrics_on_folder assembles another summary")
+    with tempfile.TemporaryDirectory() as folder:
+        reference = np.zeros((1, 2, 3), dtype=np.uint8)
+        reference[0, 0, :2] = 1
+        files = [_write_label_map(Path(folder) / f"{name}.nii.gz", array)
+                 for name, array in (("reference", reference), ("case_7", np.minimum(reference, np.eye(2, 3))))]
+        case = evaluation.compute_metrics(*files, SimpleITKIO(), [1])
+        recursive_fix_for_json_export(case)
+        summary = {"metric_per_case": [case], "mean": {1: case["metrics"][1]},
+                   "foreground_mean": {"Dice": case["metrics"][1]["Dice"]}}
+        evaluation.save_summary_json(summary, str(Path(folder) / layout.SUMMARY_FILE))
+        read = layout.read_summary_dice(Path(folder) / layout.SUMMARY_FILE, ["background", "one"], ".nii.gz")
+    _require("summary_json", read["cases"] == ["case_7"] and read["foreground_mean"] == read["per_class"]["one"]
+             and abs(read["per_class"]["one"] - 2 / 3) < 1e-12, f"summary.json read back as {read}")
+
+
+@_seam("preprocessing_properties", "DefaultPreprocessor.run_case_npy records the properties keys "
+                                   f"{', '.join(layout.PROPERTIES_KEYS_READ[:3])} (the crop box [low, high) per axis "
+                                   "in the transposed frame, as insert_crop_into_image pastes it back) beside the "
+                                   "reader's 'spacing'; the export reads them back from the same keys")
+def _check_preprocessing_properties() -> None:
+    from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+
+    from .geometry import crop_mask
+
+    written = _subscript_keys(DefaultPreprocessor.run_case_npy, "properties")
+    read = _subscript_keys(_export_module.convert_predicted_logits_to_segmentation_with_correct_shape,
+                           "properties_dict")
+    for what, keys in (("run_case_npy uses", written), ("the export reads", read)):
+        _require("preprocessing_properties", set(layout.PROPERTIES_KEYS_READ) <= keys,
+                 f"{what} the properties keys {sorted(keys)}, not {list(layout.PROPERTIES_KEYS_READ)}")
+    box = layout.CropBox((5, 6, 7), ((1, 4), (0, 6), (2, 5)), (3, 6, 3))
+    pasted = insert_crop_into_image(np.zeros(box.shape_before_cropping, dtype=bool),
+                                    np.ones(box.shape_after_cropping, dtype=bool), [list(b) for b in box.bbox])
+    _require("preprocessing_properties", np.array_equal(pasted.transpose(2, 0, 1), crop_mask(box, (2, 0, 1))),
+             "insert_crop_into_image no longer pastes the crop at [low, high) of bbox_used_for_cropping")
+
+
+def same_geometry(value, reference) -> bool:
+    """Whether a geometry quantity (spacing, origin, direction, affine) of an image equals a reference's within
+    nnU-Net's own tolerance (its readers' check that all images of a case share one geometry)."""
+    from nnunetv2.imageio.base_reader_writer import BaseReaderWriter
+
+    return bool(BaseReaderWriter._check_all_same_array([np.asarray(reference, dtype=float),
+                                                        np.asarray(value, dtype=float)]))
+
+
+@_seam("image_geometry", "SimpleITKIO and NibabelIO record the image's 'spacing' (array axis order) and its header "
+                         "geometry ('sitk_stuff' origin and direction, 'nibabel_stuff' original_affine); "
+                         "BaseReaderWriter._check_all_same_array compares geometries by shape and np.allclose")
+def _check_image_geometry() -> None:
+    from nnunetv2.imageio.base_reader_writer import BaseReaderWriter
+    from nnunetv2.imageio.nibabel_reader_writer import NibabelIO
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = _write_label_map(Path(folder) / "case.nii.gz", np.zeros((2, 3, 4)), (1.0, 2.0, 3.0), (4.0, 5.0, 6.0))
+        read_by_sitk = layout.image_geometry(SimpleITKIO().read_seg(path)[1])
+        read_by_nibabel = layout.image_geometry(NibabelIO().read_seg(path)[1])
+    _require("image_geometry", np.allclose(read_by_sitk["spacing"], (3.0, 2.0, 1.0))
+             and np.allclose(read_by_sitk.get("origin", ()), (4.0, 5.0, 6.0))
+             and np.allclose(read_by_sitk.get("direction", ()), np.eye(3).ravel()),
+             f"SimpleITKIO's properties give the geometry {read_by_sitk}")
+    _require("image_geometry", np.allclose(read_by_nibabel["spacing"], (3.0, 2.0, 1.0))
+             and read_by_nibabel.get("affine", np.zeros(0)).shape == (4, 4),
+             f"NibabelIO's properties give the geometry {read_by_nibabel}")
+    _require("image_geometry", "not np.allclose(i, input_list[0])" in _source(BaseReaderWriter._check_all_same_array),
+             "_check_all_same_array no longer compares with np.allclose")
+
+
+@_seam("preprocessed_files", "nnU-Net's preprocessed datasets keep a case's segmentation in CASE_seg.b2nd (blosc2) "
+                             "or CASE.npz (numpy, unpacked to CASE_seg.npy), its properties in CASE.pkl")
+def _check_preprocessed_files() -> None:
+    from nnunetv2.training.dataloading import nnunet_dataset
+    from nnunetv2.training.dataloading.utils import _convert_to_npy
+
+    data, segmentation = np.zeros((1, 2, 2, 2), dtype=np.float32), np.zeros((1, 2, 2, 2), dtype=np.int8)
+    for dataset_class, options in ((nnunet_dataset.nnUNetDatasetBlosc2, {"chunks": data.shape, "blocks": data.shape}),
+                                   (nnunet_dataset.nnUNetDatasetNumpy, {})):
+        with tempfile.TemporaryDirectory() as folder:
+            dataset_class.save_case(data, segmentation, {}, str(Path(folder) / "case"), **options)
+            written = sorted(path.name for path in Path(folder).iterdir())
+            _require("preprocessed_files", any(f"case{suffix}" in written
+                                               for suffix in layout.PREPROCESSED_SEGMENTATION_SUFFIXES)
+                     and f"case{layout.PROPERTIES_SUFFIX}" in written
+                     and dataset_class(folder, ["case"]).load_case("case")[3] == {},
+                     f"{dataset_class.__name__}.save_case writes {written}")
+    _require("preprocessed_files", 'npz_file[:-4] + "_seg.npy"' in _source(_convert_to_npy),
+             "nnU-Net unpacks a numpy case's segmentation to another file than CASE_seg.npy")
+
+
+@_seam("results_layout", "nnU-Net's results are nnUNet_results/DATASET/TRAINER__PLANS__CONFIGURATION/fold_X with "
+                         f"{layout.FINAL_CHECKPOINT}, {layout.BEST_CHECKPOINT} and the validation in validation/; "
+                         f"the validation's ground truth is nnUNet_preprocessed/DATASET/"
+                         f"{layout.GT_SEGMENTATIONS_FOLDER} and the split {layout.SPLITS_FILE} beside it")
+def _check_results_layout() -> None:
+    from nnunetv2.utilities import file_path_utilities as paths
+
+    name = paths.convert_trainer_plans_config_to_identifier("Trainer", "Plans", "3d_fullres")
+    _require("results_layout", name == layout.model_folder_name("Trainer", "Plans", "3d_fullres")
+             and tuple(paths.convert_identifier_to_trainer_plans_config(name)) == layout.split_model_folder_name(name),
+             f"nnU-Net names model folders like {name!r}")
+    original, paths.nnUNet_results = paths.nnUNet_results, "/results"
+    try:
+        fold_folder = Path(paths.get_output_folder("Dataset001_X", "Trainer", "Plans", "3d_fullres", 3))
+    finally:
+        paths.nnUNet_results = original
+    _require("results_layout", fold_folder == Path("/results/Dataset001_X", name, layout.fold_folder_name(3))
+             and layout.fold_of(fold_folder) == "3", f"nnU-Net's fold 3 folder is {fold_folder}")
+    for method, names in ((nnUNetTrainer.on_train_end, [layout.FINAL_CHECKPOINT]),
+                          (nnUNetTrainer.on_epoch_end, [layout.BEST_CHECKPOINT]),
+                          (nnUNetTrainer.perform_actual_validation,
+                           [layout.VALIDATION_FOLDER, layout.GT_SEGMENTATIONS_FOLDER]),
+                          (nnUNetTrainer.do_split, [layout.SPLITS_FILE])):
+        missing = [name for name in names if not _mentions(_source(method), name)]
+        _require("results_layout", not missing, f"nnUNetTrainer.{method.__name__} no longer names {missing}")
+
+
+@_seam("prediction_files", "export_prediction_from_logits writes CASE<file_ending> and, with --save_probabilities or "
+                           f"--npz, CASE{layout.PROBABILITIES_SUFFIX} (array '{layout.PROBABILITIES_KEY}', classes "
+                           f"first) and CASE{layout.PROPERTIES_SUFFIX} (the case's properties)")
+def _check_prediction_files() -> None:
+    source = _source(_export_module.export_prediction_from_logits)
+    for expected in (f"np.savez_compressed(output_file_truncated + '{layout.PROBABILITIES_SUFFIX}', "
+                     f"{layout.PROBABILITIES_KEY}=",
+                     f"save_pickle(properties_dict, output_file_truncated + '{layout.PROPERTIES_SUFFIX}')",
+                     "output_file_truncated + dataset_json_dict_or_file['file_ending']"):
+        _require("prediction_files", expected in source, f"export_prediction_from_logits no longer calls `{expected}`")
+
+
+@_seam("model_export", f"nnUNetv2_export_model_to_zip packs {', '.join(layout.MODEL_FILES)} and per fold the "
+                       f"checkpoints and {', '.join(layout.EXPORTED_FOLD_FILES)}")
+def _check_model_export() -> None:
+    from nnunetv2.model_sharing.model_export import export_pretrained_model
+
+    source = _source(export_pretrained_model)
+    parts = [*layout.MODEL_FILES, *(part for path in layout.EXPORTED_FOLD_FILES for part in path.split("/"))]
+    missing = [part for part in parts if not _mentions(source, part)]
+    _require("model_export", not missing, f"export_pretrained_model no longer packs {missing}")
+
+
 # --- prediction -------------------------------------------------------------------------------------------------
 
 def load_predictor(model_folder: str | Path, folds: Sequence[str], checkpoint: str, device: torch.device,
@@ -635,8 +877,8 @@ def resampled_logits(logits: torch.Tensor, properties: dict, plans_manager: Plan
                      configuration_manager) -> torch.Tensor:
     """Logits resampled from the network's geometry to the image's (inside the crop box, axes as nnU-Net's
     preprocessing transposed them), exactly as nnU-Net's export resamples the ensemble's logits."""
-    spacing = [properties["spacing"][axis] for axis in plans_manager.transpose_forward]
-    shape = properties["shape_after_cropping_and_before_resampling"]
+    spacing = [layout.spacing(properties)[axis] for axis in plans_manager.transpose_forward]
+    shape = properties[layout.SHAPE_AFTER_CROPPING]
     network_spacing = configuration_manager.spacing if len(configuration_manager.spacing) == len(shape) else \
         [spacing[0], *configuration_manager.spacing]
     return torch.as_tensor(configuration_manager.resampling_fn_probabilities(logits, shape, network_spacing, spacing))
@@ -678,8 +920,8 @@ def _check_export_resampling() -> None:
 def to_image_geometry(array: np.ndarray, properties: dict, plans_manager: PlansManager) -> np.ndarray:
     """A map of the crop box (axes transposed as nnU-Net's preprocessing) placed into the full image, zero outside
     the crop box, and transposed back: as nnU-Net's export does with the segmentation."""
-    full = np.zeros(properties["shape_before_cropping"], dtype=array.dtype)
-    full = _export_module.insert_crop_into_image(full, array, properties["bbox_used_for_cropping"])
+    full = np.zeros(properties[layout.SHAPE_BEFORE_CROPPING], dtype=array.dtype)
+    full = _export_module.insert_crop_into_image(full, array, properties[layout.CROP_BOX])
     return full.transpose(plans_manager.transpose_backward)
 
 
@@ -695,11 +937,6 @@ def _check_export_geometry() -> None:
         _require("export_geometry", expected in source, f"the export no longer contains `{expected}`")
     _require("export_geometry", "rw = plans_manager.image_reader_writer_class()" in _source(
         _export_module.export_prediction_from_logits), "the export no longer writes with the plans' reader-writer")
-
-
-def image_spacing(properties: dict) -> list[float]:
-    """The image's voxel spacing (mm) along the axes of its array as the reader-writer reads it (the map layout)."""
-    return [float(step) for step in properties["spacing"]]
 
 
 def read_images(files: list[str], plans_manager: PlansManager) -> np.ndarray:
@@ -741,34 +978,24 @@ def _check_float_maps() -> None:
                  f"{name}.write_seg no longer converts the array with astype alone")
 
 
-def prediction_files(output_truncated: str | Path, file_ending: str, save_probabilities: bool) -> list[Path]:
-    """The files nnU-Net's export writes for a case: the segmentation, and with --save_probabilities the .npz of
-    probabilities and the .pkl of properties."""
-    truncated = str(output_truncated)
-    return [Path(truncated + ending) for ending in (file_ending, *((".npz", ".pkl") if save_probabilities else ()))]
-
-
 def write_prediction_metadata(plans_manager: PlansManager, dataset_json: dict, output_folder: Path) -> None:
     """dataset.json and plans.json into a prediction folder, as nnUNetv2_predict writes them (nnU-Net's
-    postprocessing and ensembling read them there)."""
+    postprocessing and ensembling, and `nnunet-margin calibration`, read them there)."""
     from .._atomic import write_json_atomic
 
-    write_json_atomic(output_folder / "dataset.json", dataset_json)
-    write_json_atomic(output_folder / "plans.json", plans_manager.plans)
+    write_json_atomic(output_folder / layout.DATASET_FILE, dataset_json)
+    write_json_atomic(output_folder / layout.PLANS_FILE, plans_manager.plans)
 
 
-@_seam("prediction_files", "nnUNetv2_predict writes CASE<file_ending>, with --save_probabilities CASE.npz "
-                           "(key 'probabilities') and CASE.pkl, and dataset.json and plans.json into the output folder")
-def _check_prediction_files() -> None:
+@_seam("prediction_metadata", f"nnUNetv2_predict writes {layout.DATASET_FILE} and {layout.PLANS_FILE} into its output "
+                              "folder")
+def _check_prediction_metadata() -> None:
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    export = _source(_export_module.export_prediction_from_logits)
-    for expected in ("output_file_truncated + '.npz', probabilities=", "output_file_truncated + '.pkl'",
-                     "output_file_truncated + dataset_json_dict_or_file['file_ending']"):
-        _require("prediction_files", expected in export, f"the export no longer writes `{expected}`")
-    files = _source(nnUNetPredictor.predict_from_files)
-    for expected in ("join(output_folder, 'dataset.json')", "join(output_folder, 'plans.json')"):
-        _require("prediction_files", expected in files, f"predict_from_files no longer writes {expected}")
+    source = _source(nnUNetPredictor.predict_from_files)
+    for name in (layout.DATASET_FILE, layout.PLANS_FILE):
+        _require("prediction_metadata", f"join(output_folder, '{name}')" in source,
+                 f"predict_from_files no longer writes {name}")
 
 
 def check_all() -> dict[str, str | None]:

@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import Callable
 
 from .._atomic import atomic_path, write_json_atomic
-from . import _seams
-from .compare import compare, printed_table, write_comparison
+from . import _seams, layout
+from .calibration_report import REPORT_FILE
+from .compare_reports import compare, printed_table, write_comparison
 
 POST_HOC_METHODS = ("temperature",)
-REPORT_FILE = "calibration.json"
 
 
 @dataclass
@@ -101,7 +101,7 @@ class Benchmark:
             raise RuntimeError("nnUNet_results and nnUNet_preprocessed must be set, as for nnU-Net")
         self.dataset_name = _seams.dataset_name(settings.dataset)
         self.results = Path(results)
-        self.gt_folder = Path(preprocessed) / self.dataset_name / "gt_segmentations"
+        self.gt_folder = layout.gt_segmentations_folder(Path(preprocessed) / self.dataset_name)
         self.folder = self.results / self.dataset_name / f"calibration_benchmark__{settings.configuration}"
         if settings.baseline is not None and settings.baseline not in settings.trainers:
             raise ValueError(f"--baseline {settings.baseline} is not one of the trainers {settings.trainers}")
@@ -118,7 +118,7 @@ class Benchmark:
 
     def _test_cases(self) -> list[str]:
         """Case identifiers of the test images (CASE_XXXX<file_ending>, nnU-Net's raw layout)."""
-        dataset_json = Path(os.environ["nnUNet_preprocessed"]) / self.dataset_name / "dataset.json"
+        dataset_json = Path(os.environ["nnUNet_preprocessed"]) / self.dataset_name / layout.DATASET_FILE
         ending = json.loads(dataset_json.read_text())["file_ending"]
         cases = sorted({path.name[: -len(ending)][:-5] for path in Path(self.settings.test_images).glob(f"*{ending}")})
         if not cases:
@@ -128,7 +128,7 @@ class Benchmark:
 
     def _predicted(self, folder: Path, checkpoints: list[Path]) -> bool:
         """Every test case has its probabilities (.npz), newer than the checkpoints."""
-        return all(_newer(folder / f"{case}.npz", *checkpoints) for case in self.test_cases)
+        return all(_newer(folder / f"{case}{layout.PROBABILITIES_SUFFIX}", *checkpoints) for case in self.test_cases)
 
     @staticmethod
     def _is_plugin_trainer(trainer: str) -> bool:
@@ -145,7 +145,7 @@ class Benchmark:
 
     def model_folder(self, trainer: str, repeat: int) -> Path:
         return (self.results_root(repeat) / self.dataset_name
-                / f"{trainer}__{self.settings.plans}__{self.settings.configuration}")
+                / layout.model_folder_name(trainer, self.settings.plans, self.settings.configuration))
 
     def test_folder(self, method: str, repeat: int) -> Path:
         return self.folder / f"repeat_{repeat}" / "test" / method if self.settings.repeats > 1 else \
@@ -157,9 +157,9 @@ class Benchmark:
 
     def _fold_chain(self, trainer: str, fold: str, repeat: int) -> Chain:
         settings = self.settings
-        fold_folder = self.model_folder(trainer, repeat) / f"fold_{fold}"
-        final = fold_folder / "checkpoint_final.pth"
-        report = fold_folder / "validation" / REPORT_FILE
+        fold_folder = self.model_folder(trainer, repeat) / layout.fold_folder_name(fold)
+        final = fold_folder / layout.FINAL_CHECKPOINT
+        report = layout.validation_folder(fold_folder) / REPORT_FILE
         train = ["nnUNetv2_train", self.dataset_name, settings.configuration, fold, "-tr", trainer, "-p",
                  settings.plans, "--c", "-device", settings.device]
         chain = Chain()
@@ -167,10 +167,10 @@ class Benchmark:
         if self.plugin[trainer]:
             chain.steps.append(self._step(f"train {where}", train, lambda: _newer(report, final), repeat))
         else:
-            summary = fold_folder / "validation" / "summary.json"
+            summary = layout.validation_folder(fold_folder) / layout.SUMMARY_FILE
             chain.steps.append(self._step(f"train {where}", train + ["--npz"], lambda: _newer(summary, final), repeat))
             chain.steps.append(self._step(
-                f"report {where}", ["nnunet-margin", "calibration", str(fold_folder / "validation"),
+                f"report {where}", ["nnunet-margin", "calibration", str(layout.validation_folder(fold_folder)),
                                     str(self.gt_folder)], lambda: _newer(report, final, summary), repeat))
         if "temperature" in settings.post_hoc:
             temperature = fold_folder / "temperature.json"
@@ -182,21 +182,23 @@ class Benchmark:
     def _test_chain(self, trainer: str, repeat: int) -> Chain:
         settings = self.settings
         model = self.model_folder(trainer, repeat)
-        finals = [model / f"fold_{fold}" / "checkpoint_final.pth" for fold in settings.folds]
+        finals = [model / layout.fold_folder_name(fold) / layout.FINAL_CHECKPOINT for fold in settings.folds]
         chain = Chain()
         methods = [(trainer, model, trainer, finals)]
         if "temperature" in settings.post_hoc:
             export_root = self.folder / "exports" / f"repeat_{repeat}"
             export_name = f"{trainer}_temperature"
-            exported = export_root / self.dataset_name / f"{export_name}__{settings.plans}__{settings.configuration}"
-            temperatures = [model / f"fold_{fold}" / "temperature.json" for fold in settings.folds]
+            exported = export_root / self.dataset_name / layout.model_folder_name(export_name, settings.plans,
+                                                                                  settings.configuration)
+            temperatures = [model / layout.fold_folder_name(fold) / "temperature.json" for fold in settings.folds]
             chain.steps.append(self._step(
                 f"export {trainer}+temperature repeat {repeat}",
                 ["nnunet-margin", "export-portable", str(model), str(export_root), "--temperature", "--allow-bound",
                  "--name", export_name, "--overwrite", "-f", *settings.folds],
                 lambda: _newer(exported / "export_info.json", *temperatures), repeat))
             methods.append((f"{trainer}+temperature", exported, export_name,
-                            [exported / f"fold_{fold}" / "checkpoint_final.pth" for fold in settings.folds]))
+                            [exported / layout.fold_folder_name(fold) / layout.FINAL_CHECKPOINT
+                             for fold in settings.folds]))
         for method, model_folder, trainer_name, checkpoints in methods:
             predictions = self.test_folder(method, repeat)
             report = predictions / REPORT_FILE
@@ -383,7 +385,7 @@ def write_benchmark_report(benchmark: Benchmark) -> None:
         for repeat in range(1, settings.repeats + 1):
             for trainer in settings.trainers:
                 for fold in settings.folds:
-                    record = json.loads((benchmark.model_folder(trainer, repeat) / f"fold_{fold}"
+                    record = json.loads((benchmark.model_folder(trainer, repeat) / layout.fold_folder_name(fold)
                                          / "temperature.json").read_text())
                     rows.append(f"| {trainer} | {repeat} | {fold} | {record['temperature']:.4g} | "
                                 f"{record.get('at_bound') or 'no'} |")

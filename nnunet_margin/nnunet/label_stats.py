@@ -26,11 +26,9 @@ import numpy as np
 
 from .._atomic import write_json_atomic
 from . import _seams
+from .layout import preprocessed_segmentation_file
 
 CACHE_VERSION = 2
-# Where nnU-Net's dataset variants keep a case's segmentation, canonical file first (blosc2; numpy: the .npz, which
-# training unpacks into _seg.npy; that copy must not make the cache look stale).
-SEG_FILE_SUFFIXES = ("_seg.b2nd", ".npz", "_seg.npy")
 
 
 @dataclass(frozen=True)
@@ -71,15 +69,10 @@ def cache_location(preprocessed_dataset_folder: str | os.PathLike, data_identifi
 
 
 def _fingerprint(configuration_folder: Path, case: str) -> list[int]:
-    """Size and mtime of the file holding a case's segmentation (they change when nnU-Net rewrites it)."""
-    for suffix in SEG_FILE_SUFFIXES:
-        path = configuration_folder / (case + suffix)
-        if path.is_file():
-            stat = path.stat()
-            return [stat.st_size, stat.st_mtime_ns]
-    raise FileNotFoundError(f"no preprocessed segmentation for case {case!r} in {configuration_folder} "
-                            f"(looked for {', '.join(case + s for s in SEG_FILE_SUFFIXES)}); run "
-                            f"nnUNetv2_plan_and_preprocess (or nnUNetv2_preprocess) for this configuration")
+    """Size and mtime of the file holding a case's segmentation (they change when nnU-Net rewrites it; the _seg.npy
+    that training unpacks from a numpy dataset's .npz is a copy and does not count)."""
+    stat = preprocessed_segmentation_file(configuration_folder, case).stat()
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def count_labels(segmentation: np.ndarray, labels: LabelSpec, case: str = "?") -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Loss assembly for nnU-Net trainers, written once: weighted named terms, nnU-Net's soft Dice, deep supervision."""
+"""Loss assembly for nnU-Net trainers, written once: weighted named terms (every one a `SegmentationLoss`, nnU-Net's
+soft Dice included), checked when the loss is built, and nnU-Net's deep supervision."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import torch
 from torch import nn
 
 from ..losses import SegmentationLoss
+from ..losses._inputs import FlatInputs
+from ..methods import is_weight
 from . import _seams
 
 
@@ -18,32 +21,48 @@ def deep_supervision_weights(num_outputs: int, is_ddp: bool, compiled: bool) -> 
     return weights / weights.sum()
 
 
-class MaskedSoftDice(nn.Module):
-    """nnU-Net's MemoryEfficientSoftDiceLoss (softmax, no background) with its ignore-label handling."""
+class SoftDiceLoss(SegmentationLoss):
+    """nnU-Net's soft Dice (its MemoryEfficientSoftDiceLoss: softmax, background excluded), as a term of the
+    plugin's losses; ignored voxels are left out through nnU-Net's own `loss_mask`."""
 
-    def __init__(self, batch_dice: bool, ddp: bool, ignore_label: int | None):
-        super().__init__()
-        self.ignore_label = ignore_label
+    def __init__(self, batch_dice: bool, ddp: bool, ignore_index: int | None = None):
+        super().__init__(ignore_index)
         self.dice = _seams.soft_dice_loss(batch_dice=batch_dice, ddp=ddp)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if self.ignore_label is None:
-            return self.dice(logits, target)
-        mask = target != self.ignore_label
-        return self.dice(logits, torch.where(mask, target, 0), loss_mask=mask)
+    def compute(self, flat: FlatInputs):
+        return self.dice(flat.logits, flat.target, loss_mask=flat.valid), {}
+
+
+def check_terms(source: str, terms) -> None:
+    """Refuse loss terms that are not {name: (weight > 0, SegmentationLoss)}, naming their `source` (e.g.
+    "nnUNetTrainerX.loss_terms()") and the term: a plain torch loss would get nnU-Net's (B, 1, ...) target as it is
+    and no ignore label."""
+    if not isinstance(terms, dict) or not terms:
+        raise TypeError(f"{source} gives {terms!r}; the loss terms are a non-empty dict "
+                        f"{{name: (weight, SegmentationLoss)}}")
+    for name, term in terms.items():
+        if not (isinstance(term, tuple) and len(term) == 2):
+            raise TypeError(f"{source} gives term {name!r} as {term!r}; each term is a pair "
+                            f"(weight, SegmentationLoss)")
+        weight, loss = term
+        if not isinstance(loss, SegmentationLoss):
+            raise TypeError(f"{source} gives term {name!r} a {type(loss).__name__}, which is no "
+                            f"nnunet_margin.losses.SegmentationLoss: it would get nnU-Net's target unchecked and no "
+                            f"ignore label. Write the loss as a SegmentationLoss subclass (implement compute(flat); "
+                            f"README, 'Your own method').")
+        if not is_weight(weight, allow_zero=False):
+            raise ValueError(f"{source} gives term {name!r} the weight {weight!r}; a term weight must be "
+                             f"a finite number > 0. Fix the weight there, or leave the term out to drop it.")
 
 
 class LossTerms(nn.Module):
-    """Weighted sum of named loss terms that keeps each term's detached, weighted contribution in `components`.
+    """Weighted sum of named `SegmentationLoss` terms that keeps each term's detached, weighted contribution in
+    `components`: a term with several parts contributes `<name>_<part>` entries (e.g. `mbls_ce`, `mbls_penalty`),
+    a single-part term `<name>`."""
 
-    A `SegmentationLoss` with several parts contributes `<name>_<part>` entries (e.g. `mbls_ce`, `mbls_penalty`);
-    a single-part term or a plain module contributes `<name>`.
-    """
-
-    def __init__(self, **terms: tuple[float, nn.Module]):
+    def __init__(self, **terms: tuple[float, SegmentationLoss]):
         super().__init__()
-        if not terms:
-            raise ValueError("LossTerms needs at least one term")
+        check_terms("LossTerms(...)", terms)
         self.weights = {name: float(weight) for name, (weight, _) in terms.items()}
         self.terms = nn.ModuleDict({name: module for name, (_, module) in terms.items()})
         self.components: dict[str, torch.Tensor] = {}
@@ -53,11 +72,7 @@ class LossTerms(nn.Module):
         components = {}
         for name, term in self.terms.items():
             weight = self.weights[name]
-            if isinstance(term, SegmentationLoss):
-                value, parts = term.parts(logits, target)
-            else:
-                value = term(logits, target)
-                parts = {"loss": value.detach()}
+            value, parts = term.parts(logits, target)
             if len(parts) == 1:
                 components[name] = weight * next(iter(parts.values()))
             else:
@@ -67,7 +82,7 @@ class LossTerms(nn.Module):
         return total
 
     def segmentation_losses(self) -> list[SegmentationLoss]:
-        return [term for term in self.terms.values() if isinstance(term, SegmentationLoss)]
+        return list(self.terms.values())
 
 
 class DeepSupervisedLoss(nn.Module):
@@ -120,16 +135,16 @@ class DeepSupervisedLoss(nn.Module):
         return self.loss.segmentation_losses()
 
 
-def assemble_loss(trainer, terms: dict[str, tuple[float, nn.Module]]) -> DeepSupervisedLoss:
-    """The trainer's loss from named weighted terms, with nnU-Net's deep supervision when it is enabled.
+def assemble_loss(trainer, terms: dict[str, tuple[float, SegmentationLoss]]) -> DeepSupervisedLoss:
+    """The trainer's loss from named weighted terms (checked by `check_terms`), with nnU-Net's deep supervision when
+    it is enabled.
 
     The terms' own value checks are switched off: the trainer checks labels once before training and the loss value
     that nnU-Net copies to the host every step.
     """
-    for term in terms.values():
-        if isinstance(term[1], SegmentationLoss):
-            term[1].check_inputs = False
     loss = LossTerms(**terms)
+    for term in loss.segmentation_losses():
+        term.check_inputs = False
     if not trainer.enable_deep_supervision:
         return DeepSupervisedLoss(loss, [1.0])
     num_outputs = _seams.deep_supervision_output_count(trainer)
@@ -137,7 +152,7 @@ def assemble_loss(trainer, terms: dict[str, tuple[float, nn.Module]]) -> DeepSup
                                                              _seams.uses_torch_compile(trainer)))
 
 
-def soft_dice(trainer) -> MaskedSoftDice:
+def soft_dice(trainer) -> SoftDiceLoss:
     """nnU-Net's soft Dice configured like the default trainer's."""
-    return MaskedSoftDice(batch_dice=trainer.configuration_manager.batch_dice, ddp=trainer.is_ddp,
-                          ignore_label=trainer.label_manager.ignore_label)
+    return SoftDiceLoss(batch_dice=trainer.configuration_manager.batch_dice, ddp=trainer.is_ddp,
+                        ignore_index=trainer.label_manager.ignore_label)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .._atomic import write_json_atomic
 from ..losses import EmptyClassError, margin_offsets
-from . import _seams
+from . import _seams, layout
 from .label_stats import LabelSpec, cache_location, case_label_counts, total_counts, trainer_label_counts
 
 RECORD_FILE = "margin_offsets.json"
@@ -92,18 +92,18 @@ def label_stats_table(dataset: str, configuration: str, fold: str | None, plans_
         raise RuntimeError("nnUNet_preprocessed is not set; export it as for nnU-Net")
     name = _seams.dataset_name(dataset)
     folder = Path(preprocessed) / name
-    plans_file = folder / f"{plans_identifier}.json"
+    plans_file = layout.plans_file(folder, plans_identifier)
     if not plans_file.is_file():
         raise FileNotFoundError(f"{plans_file} not found; run nnUNetv2_plan_and_preprocess -d {dataset} first")
     plans = _seams.PlansManager(str(plans_file))
-    dataset_json = json.loads((folder / "dataset.json").read_text())
+    dataset_json = json.loads((folder / layout.DATASET_FILE).read_text())
     manager = plans.get_label_manager(dataset_json)
     if manager.has_regions:
         raise ValueError(f"{name} uses regions; margin offsets are defined for label-based datasets only")
     labels = LabelSpec(manager.num_segmentation_heads, manager.ignore_label)
     data_identifier = plans.get_configuration(configuration).data_identifier
     per_case = case_label_counts(folder, data_identifier, labels, num_processes=num_processes, progress=True)
-    train_cases = _seams.fold_training_cases(folder, sorted(per_case), fold)
+    train_cases = _seams.fold_cases(folder, sorted(per_case), fold)[0]
     names = class_names(dataset_json, labels.num_classes)
     where = f"{'all cases' if fold is None else f'fold {fold}'} of {name} ({configuration})"
     record = offsets_record(per_case, train_cases, names, tau, upsilon, empty_classes, where, labels.ignore_label)

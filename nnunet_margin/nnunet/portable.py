@@ -4,12 +4,11 @@ nnU-Net rebuilds a model's network with the trainer class named in its checkpoin
 trainer needs the plugin at inference. The plugin's trainers change the loss and the validation, never the network,
 so the copy names nnU-Net's base trainer `nnUNetTrainer` instead, after checking that this is safe: the trainer must
 not override `build_network_architecture`, and the weights must load into nnU-Net's own network built from the
-plans. With `temperature=True`, each fold's fitted temperature (fold_X/temperature.json, see
-`nnunet_margin.nnunet.temperature`) is folded into the final segmentation layer: its weight and bias are divided by
-T, so the network outputs logits / T and nnU-Net's probabilities become softmax(logits / T). With `calibration=True`,
-each fold's map from fit-calibration (fold_X/calibration_map.json: A z + b, see `nnunet_margin.nnunet.posthoc`) is
-folded in the same way: the final 1x1(x1) convolution z = V f + c becomes V' = A V, c' = A c + b
-(docs/methods.md 6), so nnU-Net's fold ensemble averages calibrated logits.
+plans. With `calibration=True`, each fold's map from fit-calibration (fold_X/calibration_map.json: A z + b, see
+`nnunet_margin.nnunet.posthoc.maps`) is folded into the final segmentation layer: the final 1x1(x1) convolution
+z = V f + c becomes V' = A V, c' = A c + b (docs/methods.md 6), so nnU-Net's fold ensemble averages calibrated
+logits; a map shared by the folds (fitted `pooled`) makes the ensemble exactly softmax(A mean_f(z_f) + b). With
+`temperature=True` (deprecated), each fold's temperature.json from fit-temperature is folded in as A = I / T.
 
 Output convention: OUT is an nnUNet_results-style root. The copy goes to OUT/DATASET/NAME__PLANS__CONFIGURATION
 with NAME = nnUNetTrainer unless chosen (`name`), so with nnUNet_results=OUT the usual commands work:
@@ -47,19 +46,16 @@ import numpy as np
 import torch
 
 from ..calibration.affine import AffineCalibration, fold_affine_calibration
-from . import _seams
-from .posthoc import read_calibration_map
+from . import _seams, layout
 from .layout import BEST_CHECKPOINT, FINAL_CHECKPOINT, PathLike, TrainedModel
-from .temperature import BOUND_MEANINGS, TEMPERATURE_FILE, bound_side
+from .posthoc.legacy_temperature import temperatures_for_export
+from .posthoc.maps import calibrations_for_export
 
 BASE_TRAINER = "nnUNetTrainer"
 EXPORT_INFO_FILE = "export_info.json"
 STAGING_MARKER = ".nnunet_margin_export"  # first file of a staging folder; removed before it becomes the target
 # A folder name nnU-Net can split back into TRAINER__PLANS__CONFIGURATION: no "__", no leading/trailing separator.
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*")
-MODEL_FILES = ("plans.json", "dataset.json", "dataset_fingerprint.json")
-# Per fold, besides the checkpoints: what nnUNetv2_export_model_to_zip packs.
-FOLD_FILES = ("progress.png", "validation/summary.json")
 
 
 @dataclass
@@ -72,8 +68,8 @@ class PlainNetwork:
 
     @classmethod
     def build(cls, model: TrainedModel) -> PlainNetwork:
-        plans_manager = _seams.PlansManager(str(model.folder / "plans.json"))
-        dataset_json = json.loads((model.folder / "dataset.json").read_text())
+        plans_manager = _seams.PlansManager(str(model.folder / layout.PLANS_FILE))
+        dataset_json = json.loads((model.folder / layout.DATASET_FILE).read_text())
         network, num_inputs = _seams.plain_network(plans_manager, model.configuration, dataset_json)
         configuration = plans_manager.get_configuration(model.configuration)
         total_stride = np.prod(np.array(configuration.pool_op_kernel_sizes), axis=0)
@@ -120,12 +116,6 @@ class PlainNetwork:
         return folded
 
 
-def temperature_calibration(temperature: float, num_classes: int) -> AffineCalibration:
-    """softmax(z / T) as an affine map: A = I / T, b = 0."""
-    return AffineCalibration(torch.eye(num_classes, dtype=torch.float64) / temperature,
-                             torch.zeros(num_classes, dtype=torch.float64), "temperature", {"temperature": temperature})
-
-
 @functools.cache
 def check_trainer_keeps_network(trainer_name: str) -> None:
     """Refuse a trainer that nnU-Net cannot find, or one that overrides build_network_architecture."""
@@ -142,32 +132,10 @@ def check_trainer_keeps_network(trainer_name: str) -> None:
                          f"portable copy is only valid for trainers that keep nnU-Net's network")
 
 
-def _read_temperature(fold_folder: Path, allow_bound: bool) -> tuple[float, str | None]:
-    """The fold's fitted temperature and the bound it lies at (None inside); refuses a bound unless allowed."""
-    path = fold_folder / TEMPERATURE_FILE
-    fit_command = (f"nnunet-margin fit-temperature {fold_folder.parent} -f {fold_folder.name.removeprefix('fold_')}")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run {fit_command} first (or export without --temperature)")
-    try:
-        record = json.loads(path.read_text())
-        temperature = float(record["temperature"])
-        if not (np.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature {temperature} is not a finite number > 0")
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path} is not a valid temperature record ({type(error).__name__}: {error}): it is corrupt "
-                         f"or truncated; refit with {fit_command}") from None
-    side = record.get("at_bound", bound_side(temperature))
-    if side is not None and not allow_bound:
-        raise ValueError(f"{path}: T = {temperature:g} is the {side} bound of fit-temperature's search, not a fit "
-                         f"({BOUND_MEANINGS[side]}): check the model and its validation probabilities, or pass "
-                         f"--allow-bound to fold it in anyway")
-    return temperature, side
-
-
 def _load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        missing = {"network_weights", "trainer_name"} - set(checkpoint)
+        missing = set(layout.CHECKPOINT_KEYS_READ) - set(checkpoint)
         if missing:
             raise KeyError(f"no {' and no '.join(sorted(missing))}")
     except (RuntimeError, OSError, EOFError, ValueError, KeyError, TypeError) as error:
@@ -182,12 +150,13 @@ def _export_checkpoint(source: Path, destination: Path, network: PlainNetwork,
     """Copy one checkpoint with trainer_name nnUNetTrainer (and the calibration folded in); returns the source's
     trainer name."""
     checkpoint = _load_checkpoint(source)
-    trainer_name = checkpoint["trainer_name"]
+    trainer_name = checkpoint[layout.CHECKPOINT_TRAINER]
     check_trainer_keeps_network(trainer_name)
-    network.check_weights(checkpoint["network_weights"], str(source))
+    network.check_weights(checkpoint[layout.CHECKPOINT_WEIGHTS], str(source))
     if calibration is not None:
-        checkpoint["network_weights"] = network.fold_calibration(checkpoint["network_weights"], calibration)
-    checkpoint["trainer_name"] = BASE_TRAINER
+        checkpoint[layout.CHECKPOINT_WEIGHTS] = network.fold_calibration(checkpoint[layout.CHECKPOINT_WEIGHTS],
+                                                                         calibration)
+    checkpoint[layout.CHECKPOINT_TRAINER] = BASE_TRAINER
     torch.save(checkpoint, destination)
     return trainer_name
 
@@ -273,18 +242,18 @@ def _write_export(model: TrainedModel, network: PlainNetwork, staging: Path, fol
     source_trainers = set()
     for fold_folder in fold_folders:
         target = staging / fold_folder.name
-        (target / "validation").mkdir(parents=True)
+        layout.validation_folder(target).mkdir(parents=True)
         checkpoints = [FINAL_CHECKPOINT] if calibrations else [FINAL_CHECKPOINT, BEST_CHECKPOINT]
         for name in checkpoints:
             if (fold_folder / name).is_file():
                 source_trainers.add(_export_checkpoint(fold_folder / name, target / name, network,
                                                        calibrations.get(fold_folder.name)))
-        for name in FOLD_FILES:
+        for name in layout.EXPORTED_FOLD_FILES:
             if (fold_folder / name).is_file():
                 shutil.copyfile(fold_folder / name, target / name)
-        if not any((target / "validation").iterdir()):
-            (target / "validation").rmdir()
-    for name in MODEL_FILES:
+        if not any(layout.validation_folder(target).iterdir()):
+            layout.validation_folder(target).rmdir()
+    for name in layout.MODEL_FILES:
         if (model.folder / name).is_file():
             shutil.copyfile(model.folder / name, staging / name)
     info = {"source": str(model.folder), "source_trainers": sorted(source_trainers),
@@ -328,12 +297,13 @@ def export_portable(model_folder: PathLike, out_folder: PathLike, temperature: b
 
     Copies plans.json, dataset.json, dataset_fingerprint.json and per fold checkpoint_final.pth, checkpoint_best.pth,
     progress.png and validation/summary.json (those present), and records the source in export_info.json. With
-    `temperature`, checkpoint_best.pth is left out, since the temperature was fitted to checkpoint_final.pth's
-    validation predictions, and a temperature at a bound of fit-temperature's search is refused unless
-    `allow_bound`. With `calibration`, each fold's map from `nnunet-margin fit-calibration` (calibration_map.json)
-    is folded in instead, likewise into checkpoint_final.pth only. Folds default to every fold_X with
-    checkpoint_final.pth. `overwrite` replaces an earlier export of the same source (entirely: nothing of it is
-    kept).
+    `calibration`, each fold's map from `nnunet-margin fit-calibration` (calibration_map.json) is folded into
+    checkpoint_final.pth, and checkpoint_best.pth is left out, since the map was fitted for checkpoint_final.pth;
+    maps of another checkpoint, of different scopes, or shared by other folds than the exported ones are refused
+    (`posthoc.maps.calibrations_for_export`), and export_info.json records the scope. `temperature` (deprecated)
+    folds in each fold's temperature.json from fit-temperature instead, with the same checks. A temperature at a
+    bound of its search is refused unless `allow_bound`. Folds default to every fold_X with checkpoint_final.pth.
+    `overwrite` replaces an earlier export of the same source (entirely: nothing of it is kept).
     """
     if temperature and calibration:
         raise ValueError("pass --temperature or --calibration, not both: one map is folded into the network (a "
@@ -341,20 +311,16 @@ def export_portable(model_folder: PathLike, out_folder: PathLike, temperature: b
     check_export_name(name)
     model = TrainedModel.load(model_folder)
     out = Path(out_folder).resolve()
-    destination = out / model.dataset_name / f"{name}__{model.plans}__{model.configuration}"
+    destination = out / model.dataset_name / layout.model_folder_name(name, model.plans, model.configuration)
     _check_locations(model, out, destination, overwrite)
     fold_folders = model.fold_folders(folds)
-    records = {fold.name: _read_temperature(fold, allow_bound) for fold in fold_folders} if temperature else {}
-    info: dict[str, Any] = {"temperatures_folded_in": {fold: value for fold, (value, _) in records.items()}}
     network = PlainNetwork.build(model)
-    calibrations = {fold: temperature_calibration(value, network.num_classes) for fold, (value, _) in records.items()}
-    bounds_allowed = {fold: side for fold, (_, side) in records.items() if side is not None}
-    if bounds_allowed:
-        info["temperatures_at_bound"] = bounds_allowed
-    if calibration:
-        calibrations = {fold.name: read_calibration_map(fold) for fold in fold_folders}
-        info["calibrations_folded_in"] = {fold: {"method": map_.method, "weight": map_.weight.tolist(),
-                                                 "bias": map_.bias.tolist()} for fold, map_ in calibrations.items()}
+    calibrations: dict[str, AffineCalibration] = {}
+    info: dict[str, Any] = {"temperatures_folded_in": {}}
+    if temperature or calibration:
+        read = temperatures_for_export if temperature else calibrations_for_export
+        calibrations, folded = read(model, fold_folders, network.num_classes, allow_bound)
+        info.update(folded)
 
     created = [folder for folder in (destination.parent, out) if not folder.exists()]
     staging = _sibling(destination, "partial")

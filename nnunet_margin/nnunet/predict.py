@@ -30,7 +30,8 @@ import torch
 from .._atomic import atomic_path
 from ..calibration.uncertainty import MemberStatistics, case_scores, entropy, most_foreground_slice, plot_case_review
 from . import _seams
-from .layout import FINAL_CHECKPOINT, TrainedModel, fold_folder_name, fold_of, model_folder_name
+from .layout import (FINAL_CHECKPOINT, ExportedFiles, TrainedModel, fold_folder_name, fold_of, model_folder_name,
+                     spacing)
 
 MAPS = ("entropy", "mutual_information", "std")
 MEMBER_MAPS = ("mutual_information", "std")  # these need two or more members
@@ -204,7 +205,9 @@ class OutputSettings:
         return {"members": list(self.members), "average": self.average, "maps": list(self.maps), "png": self.png}
 
     def files(self, case: str) -> list[Path]:
-        files = _seams.prediction_files(self.output_folder / case, self.file_ending, self.save_probabilities)
+        exported = ExportedFiles.of(self.output_folder, case, self.file_ending)
+        files = [exported.segmentation, *((exported.probabilities, exported.properties)
+                                          if self.save_probabilities else ())]
         files += [map_file(self.output_folder, case, name, self.map_ending) for name in self.maps]
         return files + ([png_file(self.output_folder, case)] if self.png else [])
 
@@ -281,7 +284,7 @@ def export_case(job: ExportJob) -> dict:
     segmentation = _seams.to_image_geometry(classes.numpy(), job.properties, job.plans_manager)
     for name in job.output.maps:
         _write_map(image_maps[name], map_file(output_folder, job.case, name, job.output.map_ending), job)
-    scores = case_scores(segmentation, image_maps["entropy"], _seams.image_spacing(job.properties),
+    scores = case_scores(segmentation, image_maps["entropy"], spacing(job.properties),
                          _seams.class_names(job.dataset_json), job.statistics, image_maps.get("mutual_information"))
     if job.output.png:
         index = most_foreground_slice(segmentation)

@@ -11,7 +11,8 @@ validation left behind:
 - a record written after every `.npz` whose checkpoint differs from the current one (a record older than some `.npz`
   describes an earlier validation: a later one by a trainer without this plugin wrote no record);
 - `.npz` files newer than `validation/summary.json`, which nnU-Net writes when a validation has exported every case:
-  that validation was interrupted, so the cases are a mix or incomplete.
+  that validation was interrupted, so the cases are a mix or incomplete (nnU-Net's order of writing, checked by the
+  seam `summary_json`).
 
 A model folder copied without its modification times (plain `cp -r`) can therefore look stale; copy with `cp -a`.
 """
@@ -23,10 +24,9 @@ import json
 from pathlib import Path
 
 from .._atomic import write_json_atomic
-from .layout import FINAL_CHECKPOINT
+from .layout import FINAL_CHECKPOINT, PROBABILITIES_SUFFIX, SUMMARY_FILE, validation_folder
 
 PROVENANCE_FILE = "provenance.json"
-SUMMARY_FILE = "summary.json"  # nnU-Net's Dice summary, written after every case of a validation is exported
 
 
 class StaleValidationError(RuntimeError):
@@ -45,7 +45,7 @@ def record_validation(fold_folder: str | Path, checkpoint_name: str = FINAL_CHEC
     """Record that the files now in fold_folder/validation come from `checkpoint_name` as it is now."""
     fold_folder = Path(fold_folder)
     checkpoint = fold_folder / checkpoint_name
-    write_json_atomic(fold_folder / "validation" / PROVENANCE_FILE,
+    write_json_atomic(validation_folder(fold_folder) / PROVENANCE_FILE,
                       {"checkpoint": checkpoint_name, "sha256": file_sha256(checkpoint)})
 
 
@@ -64,7 +64,7 @@ def _record_problem(record_file: Path, checkpoint: Path) -> str | None:
 def _stale_reason(validation: Path, checkpoint: Path) -> str | None:
     """Why the validation files are not those of `checkpoint`'s complete validation (None if they are)."""
     record_file = validation / PROVENANCE_FILE
-    npz_times = {npz.name: npz.stat().st_mtime_ns for npz in sorted(validation.glob("*.npz"))}
+    npz_times = {npz.name: npz.stat().st_mtime_ns for npz in sorted(validation.glob(f"*{PROBABILITIES_SUFFIX}"))}
     if not npz_times:
         return _record_problem(record_file, checkpoint) if record_file.is_file() else None
     written_before = [name for name, time in npz_times.items() if time < checkpoint.stat().st_mtime_ns]
@@ -92,7 +92,7 @@ def check_sample_current(fold_folder: str | Path, sample_file: Path, refresh_com
     validation of the fold's current checkpoint_final.pth: the plugin's validation writes the sample, then the
     record, so a current record at least as new as the sample vouches for it."""
     fold_folder = Path(fold_folder)
-    record_file = fold_folder / "validation" / PROVENANCE_FILE
+    record_file = validation_folder(fold_folder) / PROVENANCE_FILE
     checkpoint = fold_folder / FINAL_CHECKPOINT
     if not record_file.is_file() or record_file.stat().st_mtime_ns < sample_file.stat().st_mtime_ns:
         reason = f"{record_file} is missing or older than {sample_file.name}: the validation that wrote it did not finish"
@@ -106,6 +106,6 @@ def check_validation_current(fold_folder: str | Path, refresh_command: str) -> N
     """Raise StaleValidationError, naming `refresh_command`, unless fold_folder/validation's probabilities come
     from a complete validation of the fold's current checkpoint_final.pth (see the module docstring)."""
     fold_folder = Path(fold_folder)
-    reason = _stale_reason(fold_folder / "validation", fold_folder / FINAL_CHECKPOINT)
+    reason = _stale_reason(validation_folder(fold_folder), fold_folder / FINAL_CHECKPOINT)
     if reason is not None:
         raise StaleValidationError(f"{reason}. Refresh them with `{refresh_command}`")

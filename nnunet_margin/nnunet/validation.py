@@ -8,12 +8,13 @@ written per case to a scratch folder and merged into `validation/calibration.jso
 once all ranks are done. No `.npz` is written unless nnU-Net was asked to (`--npz`), and the statistics need no
 more memory than nnU-Net's export itself (softmax over slabs of the resampled logits).
 
-The same logits also give `validation/logit_sample.nnunet_margin` (an .npz archive), the sample post-hoc calibrators are fitted on
-(`nnunet-margin fit-calibration`): a uniform random sample of at most `max_voxels` (default 2 million) non-ignored
-voxels of the fold's validation cases inside nnU-Net's crop box, with their labels. Every voxel is first kept with
-probability r = min(1, max_voxels / N), N the crop-box voxels of all the fold's validation cases (from the
-preprocessing properties), so each case writes about its share; the per-case samples (`LogitSample`, seeded per fold
-and case) then merge exactly into the bottom-max_voxels sample of the union, which is uniform (docs/methods.md 6).
+The same logits also give `validation/logit_sample.nnunet_margin` (an .npz archive), the sample post-hoc
+calibrators are fitted on (`nnunet-margin fit-calibration`): a uniform random sample of at most `max_voxels`
+(default 2 million) non-ignored voxels of the fold's validation cases inside nnU-Net's crop box, with their labels.
+Every voxel is first kept with probability r = min(1, max_voxels / N), N the crop-box voxels of all the fold's
+validation cases (from the preprocessing properties), so each case writes about its share; the per-case samples
+(`LogitSample`, seeded per fold and case) then merge exactly into the bottom-max_voxels sample of the union, which
+is uniform (docs/methods.md 6).
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ import torch
 from .._atomic import write_json_atomic
 from ..calibration import CalibrationStats, boundary_scope
 from ..calibration.logit_sample import LogitSample
-from . import _seams
-from .calibration_report import (crop_to_preprocessing_frame, evaluate_logits, segmentation_metrics,
-                                 write_calibration_report)
+from . import _seams, layout
+from .case_evaluation import evaluate_logits, segmentation_metrics
+from .geometry import crop_to_preprocessing_frame
 from .margin_record import class_names
+from .prediction_folder import write_calibration_report
 
 SCRATCH_FOLDER = ".calibration_cases"
 # An .npz archive, named so that nnU-Net's tools, which take every validation/*.npz for a case, pass it by.
@@ -71,13 +73,13 @@ def export_and_measure(predicted_logits, properties: dict, configuration_manager
     case = Path(output_file_truncated).name
     ground_truth, gt_properties = reader_writer.read_seg(str(Path(gt_folder) / (case + dataset_json["file_ending"])))
     ground_truth = ground_truth[0].astype(np.int64)
-    spacing = gt_properties["spacing"]
+    spacing = layout.spacing(gt_properties)
     label_manager = plans_manager.get_label_manager(dataset_json)
     ignore_label = label_manager.ignore_label
     boundary = boundary_scope(ground_truth, spacing, ignore_label=ignore_label)
-    transpose = plans_manager.transpose_forward
-    cropped_truth = crop_to_preprocessing_frame(ground_truth, properties, transpose)
-    cropped_boundary = crop_to_preprocessing_frame(boundary, properties, transpose)
+    box, transpose = layout.CropBox.from_properties(properties), plans_manager.transpose_forward
+    cropped_truth = crop_to_preprocessing_frame(ground_truth, box, transpose)
+    cropped_boundary = crop_to_preprocessing_frame(boundary, box, transpose)
     measured = {}
 
     def measure(resampled_logits):
@@ -103,14 +105,14 @@ def measuring_calibration(trainer):
     """Within the block, nnU-Net's validation export also measures calibration (see the module docstring)."""
     import torch.distributed as dist
 
-    scratch = Path(trainer.output_folder) / "validation" / SCRATCH_FOLDER
+    scratch = layout.validation_folder(trainer.output_folder) / SCRATCH_FOLDER
     if trainer.local_rank == 0:
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True)
     if trainer.is_ddp:
         dist.barrier()
     export = functools.partial(export_and_measure,
-                               gt_folder=str(Path(trainer.preprocessed_dataset_folder_base) / "gt_segmentations"),
+                               gt_folder=str(layout.gt_segmentations_folder(trainer.preprocessed_dataset_folder_base)),
                                scratch_folder=str(scratch), sample_rate=_sample_rate(trainer),
                                sample_voxels=trainer.logit_sample_voxels, fold=str(trainer.fold))
     with _seams.validation_export_replaced(export):
@@ -122,14 +124,14 @@ def _sample_rate(trainer) -> float:
     if not trainer.logit_sample_voxels:
         return 0.0
     validation_cases = _seams.fold_split(trainer)[1]
-    total = sum(int(np.prod(_seams.case_properties(trainer.preprocessed_dataset_folder, case)[
-        "shape_after_cropping_and_before_resampling"])) for case in validation_cases)
+    total = sum(layout.CropBox.from_properties(_seams.case_properties(trainer.preprocessed_dataset_folder, case)).voxels
+                for case in validation_cases)
     return min(1.0, trainer.logit_sample_voxels / max(total, 1))
 
 
 def write_validation_report(trainer, scratch: Path) -> dict:
     """Merge the per-case statistics (all ranks) into calibration.json and reliability.png; returns the report."""
-    validation_folder = Path(trainer.output_folder) / "validation"
+    validation_folder = layout.validation_folder(trainer.output_folder)
     per_case = {}
     segmentation = {}
     for path in sorted(scratch.glob("*.json")):
@@ -137,8 +139,10 @@ def write_validation_report(trainer, scratch: Path) -> dict:
         per_case[path.stem] = {scope: CalibrationStats.from_dict(state) for scope, state in measured["stats"].items()}
         segmentation[path.stem] = measured["segmentation"]
     names = class_names(trainer.dataset_json, trainer.label_manager.num_segmentation_heads)
-    report = write_calibration_report(per_case, validation_folder, names, validation_folder / "summary.json",
-                                      segmentation)
+    summary_file = validation_folder / layout.SUMMARY_FILE
+    nnunet_dice = layout.read_summary_dice(summary_file, names, trainer.dataset_json["file_ending"]) \
+        if summary_file.is_file() else None
+    report = write_calibration_report(per_case, validation_folder, names, segmentation, nnunet_dice)
     samples = [LogitSample.load(path) for path in sorted(scratch.glob("*.sample.npz"))]
     if samples:
         functools.reduce(LogitSample.merge, samples).save(validation_folder / LOGIT_SAMPLE_FILE)
