@@ -56,8 +56,8 @@ CHANGES = {
     "input_files": ("nnunetv2.utilities.utils.create_paths_fn", changed_paths),
     "preprocessing": ("nnunetv2.inference.predict_from_raw_data.nnUNetPredictor.predict_from_files_sequential",
                       changed_sequential_prediction),
-    "ensemble_logits": ("nnunetv2.inference.predict_from_raw_data.nnUNetPredictor.predict_logits_from_preprocessed_data",
-                        changed_ensemble),
+    "ensemble_logits": ("nnunetv2.inference.predict_from_raw_data.nnUNetPredictor."
+                        "predict_logits_from_preprocessed_data", changed_ensemble),
     "mirroring": ("nnunetv2.inference.predict_from_raw_data.nnUNetPredictor._internal_maybe_mirror_and_predict",
                   changed_mirroring),
     "export_resampling": ("nnunetv2.preprocessing.resampling.default_resampling.resample_data_or_seg",

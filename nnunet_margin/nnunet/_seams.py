@@ -734,7 +734,8 @@ def channel_number(file: str | Path, case: str) -> int:
 def _check_input_files() -> None:
     from nnunetv2.utilities import utils
 
-    _require("input_files", "crop = len(file_ending) + 5" in _source(utils.get_identifiers_from_splitted_dataset_folder),
+    identifiers = _source(utils.get_identifiers_from_splitted_dataset_folder)
+    _require("input_files", "crop = len(file_ending) + 5" in identifiers,
              "case identifiers are no longer the file names minus _XXXX<file_ending>")
     _require("input_files", r'"_\d\d\d\d" + re.escape(file_ending)' in _source(utils.create_paths_fn),
              "create_paths_fn no longer matches CASE_XXXX<file_ending>")
@@ -926,8 +927,8 @@ def to_image_geometry(array: np.ndarray, properties: dict, plans_manager: PlansM
 
 
 @_seam("export_geometry", "the export puts the crop box's segmentation into zeros of shape_before_cropping with "
-                          "insert_crop_into_image(..., bbox_used_for_cropping), transposes it by transpose_backward and "
-                          "writes it with the plans' reader-writer")
+                          "insert_crop_into_image(..., bbox_used_for_cropping), transposes it by transpose_backward "
+                          "and writes it with the plans' reader-writer")
 def _check_export_geometry() -> None:
     source = _source(_export_module.convert_predicted_logits_to_segmentation_with_correct_shape)
     for expected in ("np.zeros(properties_dict['shape_before_cropping']",

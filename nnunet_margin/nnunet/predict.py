@@ -87,7 +87,8 @@ def check_request(request: PredictionRequest) -> TrainedModel:
     missing = [fold for fold in request.folds
                if not (model.folder / fold_folder_name(fold) / request.checkpoint).is_file()]
     if missing:
-        trained = sorted(fold_of(path.parent) for path in model.folder.glob(f"fold_*/{request.checkpoint}"))
+        checkpoints = model.folder.glob(f"{fold_folder_name('*')}/{request.checkpoint}")
+        trained = sorted(fold_of(path.parent) for path in checkpoints)
         raise FileNotFoundError(
             f"fold {missing[0]} has no {request.checkpoint} "
             f"({model.folder / fold_folder_name(missing[0]) / request.checkpoint}): it is not trained or has not "
