@@ -186,10 +186,38 @@ def _benchmark_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_command(args: argparse.Namespace) -> int:
+    from .nnunet.predict import SCORES_CSV, SCORES_JSON, PredictionRequest, maps_folder, model_folder, predict_folder
+
+    if (args.m is None) == (args.d is None or args.c is None):
+        raise ValueError("pass the model either as -d DATASET -c CONFIGURATION (with -tr and -p, as for "
+                         "nnUNetv2_predict) or as -m MODEL_FOLDER")
+    request = PredictionRequest(
+        input_folder=Path(args.i), output_folder=Path(args.o),
+        model_folder=Path(args.m) if args.m else model_folder(args.d, args.tr, args.p, args.c),
+        folds=tuple(args.f), checkpoint=args.chk, device=args.device, disable_tta=args.disable_tta,
+        save_probabilities=args.save_probabilities, continue_prediction=args.continue_prediction,
+        preprocessing_processes=args.npp, export_processes=args.nps, tta_members=args.tta_members,
+        average=args.average, maps=tuple(args.maps) if args.maps else None, png=args.png)
+    predict_folder(request)
+    output = Path(args.o)
+    print(f"wrote the segmentations into {output}, the maps into {maps_folder(output)}, the scores into "
+          f"{output / SCORES_CSV} and {output / SCORES_JSON}")
+    return 0
+
+
 def _default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _environment_int(variable: str, default: int) -> int:
+    """An integer default from the environment, as nnUNetv2_predict reads nnUNet_npp and nnUNet_nps."""
+    try:
+        return int(os.environ.get(variable) or default)
+    except ValueError:
+        return default
 
 
 def _positive_int(text: str) -> int:
@@ -334,6 +362,40 @@ def build_parser() -> argparse.ArgumentParser:
                      help="device for nnU-Net (default: cuda if available)")
     sub.add_argument("--dry-run", action="store_true", help="print the pending commands and stop")
     sub.set_defaults(func=_benchmark_command)
+
+    sub = commands.add_parser("predict", help="nnU-Net's prediction of a folder (nnUNetv2_predict's arguments) plus "
+                                              "the ensemble members' uncertainty maps and per-case confidence scores")
+    sub.add_argument("-i", required=True, help="input folder: CASE_0000<file_ending>, one file per channel")
+    sub.add_argument("-o", required=True, help="output folder (not inside the input folder)")
+    sub.add_argument("-d", default=None, help="dataset name or id (with -c, -tr, -p; or pass -m)")
+    sub.add_argument("-c", default=None, help="configuration, e.g. 3d_fullres")
+    sub.add_argument("-tr", default="nnUNetTrainer", help="trainer (default nnUNetTrainer)")
+    sub.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    sub.add_argument("-m", default=None, metavar="MODEL_FOLDER",
+                     help="the trained model folder TRAINER__PLANS__CONFIGURATION instead of -d -c -tr -p")
+    sub.add_argument("-f", nargs="+", default=["0", "1", "2", "3", "4"],
+                     help="folds of the ensemble, each a member (default 0 1 2 3 4)")
+    sub.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
+    sub.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="as nnUNetv2_predict (default "
+                                                                                      "cuda)")
+    sub.add_argument("-npp", type=int, default=_environment_int("nnUNet_npp", 3),
+                     help="preprocessing processes (default $nnUNet_npp or 3, as nnUNetv2_predict; 0: in this process)")
+    sub.add_argument("-nps", type=int, default=_environment_int("nnUNet_nps", 3),
+                     help="export processes (default $nnUNet_nps or 3; 0: in this process)")
+    sub.add_argument("--disable_tta", action="store_true", help="no test-time mirroring (as nnUNetv2_predict)")
+    sub.add_argument("--save_probabilities", action="store_true", help="also write CASE.npz and CASE.pkl, as "
+                                                                         "nnUNetv2_predict")
+    sub.add_argument("--continue_prediction", action="store_true",
+                     help="keep the cases already finished with the same members and maps")
+    sub.add_argument("--tta-members", dest="tta_members", action="store_true",
+                     help="every test-time mirroring of every fold is a member (default: each fold is one)")
+    sub.add_argument("--average", choices=["logits", "probabilities"], default="logits",
+                     help="how the members are combined into the segmentation (default logits, as nnU-Net)")
+    sub.add_argument("--maps", nargs="+", choices=["entropy", "mutual_information", "std"], default=None,
+                     help="maps to write into OUT/uncertainty_maps (default: all; entropy only for one member)")
+    sub.add_argument("--png", action="store_true", help="a review PNG per case: the slice with the most predicted "
+                                                        "foreground, image, contours and entropy")
+    sub.set_defaults(func=_predict_command)
     return parser
 
 
