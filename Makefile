@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/bench_calibration.py
 	$(VENV)/bin/python bench/bench_posthoc.py --fiducio lbfgs
 	$(VENV)/bin/python bench/bench_validation.py
+	$(VENV)/bin/python bench/bench_predict.py
 
 # Not in CI: the wheel in fresh venvs of Python 3.10-3.13 and nnunetv2 2.8.x (other Pythons download torch, several
 # GB; the venvs stay in .matrix/ for reruns). Writes docs/version-matrix.md. MATRIX_ARGS="--cells NAME..." for a subset.

@@ -125,8 +125,9 @@ def _compare_command(args: argparse.Namespace) -> int:
 def _fit_temperature_command(args: argparse.Namespace) -> int:
     import warnings
 
-    from .nnunet.temperature import (TEMPERATURE_FILE, TemperatureAtBoundWarning, bound_warning,
-                                     fit_model_temperatures, temperature_table)
+    from .nnunet.posthoc.legacy_temperature import (FIT_TEMPERATURE_DEPRECATION, TEMPERATURE_FILE,
+                                                    TemperatureAtBoundWarning, bound_warning, fit_model_temperatures,
+                                                    temperature_table)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TemperatureAtBoundWarning)  # printed below, after the table
@@ -137,29 +138,37 @@ def _fit_temperature_command(args: argparse.Namespace) -> int:
         message = bound_warning(fold, record)
         if message is not None:
             print(f"nnunet-margin fit-temperature: warning: {message}", file=sys.stderr)
+    print(f"nnunet-margin fit-temperature: deprecated: {FIT_TEMPERATURE_DEPRECATION}", file=sys.stderr)
     return 0
 
 
 def _export_portable_command(args: argparse.Namespace) -> int:
-    from .nnunet.portable import export_portable
+    import shlex
+
     from .nnunet.layout import TrainedModel
+    from .nnunet.portable import export_portable
+    from .nnunet.posthoc.legacy_temperature import EXPORT_TEMPERATURE_DEPRECATION
 
     exported = TrainedModel.load(export_portable(args.model_folder, args.out, args.temperature, args.folds,
                                                  args.name, args.overwrite, args.allow_bound, args.calibration))
-    print(f"wrote {exported.folder}\npredict with plain nnU-Net:\n  nnUNet_results={Path(args.out).resolve()} "
-          f"nnUNetv2_predict -d {exported.dataset_name} -c {exported.configuration} -p {exported.plans} "
-          f"-tr {exported.trainer} -i INPUT -o OUTPUT")
+    predict = shlex.join(["nnUNetv2_predict", "-d", exported.dataset_name, "-c", exported.configuration, "-p",
+                          exported.plans, "-tr", exported.trainer, "-i", "INPUT", "-o", "OUTPUT"])
+    print(f"wrote {exported.folder}\npredict with plain nnU-Net:\n  "
+          f"nnUNet_results={shlex.quote(str(Path(args.out).resolve()))} {predict}")
+    if args.temperature:
+        print(f"nnunet-margin export-portable: deprecated: {EXPORT_TEMPERATURE_DEPRECATION}", file=sys.stderr)
     return 0
 
 
 def _fit_calibration_command(args: argparse.Namespace) -> int:
-    from .nnunet.posthoc import CALIBRATION_MAP_FILE, calibration_table, fit_model_calibration
+    from .nnunet.posthoc.fit import calibration_table, fit_model_calibration
+    from .nnunet.posthoc.maps import CALIBRATION_MAP_FILE
 
     records = fit_model_calibration(args.model_folder, args.method, args.folds, args.scope, args.held_out,
-                                    args.revalidate, args.device)
+                                    args.revalidate, args.device, args.fit_on)
     print(calibration_table(records), end="")
-    print(f"held-out voxels: metrics on the part of each fold's sample the fit did not see; wrote "
-          f"{CALIBRATION_MAP_FILE} into " + ", ".join(str(Path(args.model_folder) / fold) for fold in records))
+    print(f"held-out voxels: metrics on the part of the sample the fit did not see; wrote {CALIBRATION_MAP_FILE} "
+          f"into " + ", ".join(str(Path(args.model_folder) / fold) for fold in records))
     return 0
 
 
@@ -177,10 +186,38 @@ def _benchmark_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_command(args: argparse.Namespace) -> int:
+    from .nnunet.predict import SCORES_CSV, SCORES_JSON, PredictionRequest, maps_folder, model_folder, predict_folder
+
+    if (args.m is None) == (args.d is None or args.c is None):
+        raise ValueError("pass the model either as -d DATASET -c CONFIGURATION (with -tr and -p, as for "
+                         "nnUNetv2_predict) or as -m MODEL_FOLDER")
+    request = PredictionRequest(
+        input_folder=Path(args.i), output_folder=Path(args.o),
+        model_folder=Path(args.m) if args.m else model_folder(args.d, args.tr, args.p, args.c),
+        folds=tuple(args.f), checkpoint=args.chk, device=args.device, disable_tta=args.disable_tta,
+        save_probabilities=args.save_probabilities, continue_prediction=args.continue_prediction,
+        preprocessing_processes=args.npp, export_processes=args.nps, tta_members=args.tta_members,
+        average=args.average, maps=tuple(args.maps) if args.maps else None, png=args.png)
+    predict_folder(request)
+    output = Path(args.o)
+    print(f"wrote the segmentations into {output}, the maps into {maps_folder(output)}, the scores into "
+          f"{output / SCORES_CSV} and {output / SCORES_JSON}")
+    return 0
+
+
 def _default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _environment_int(variable: str, default: int) -> int:
+    """An integer default from the environment, as nnUNetv2_predict reads nnUNet_npp and nnUNet_nps."""
+    try:
+        return int(os.environ.get(variable) or default)
+    except ValueError:
+        return default
 
 
 def _positive_int(text: str) -> int:
@@ -243,8 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "otherwise); the report names those left out")
     sub.set_defaults(func=_compare_command)
 
-    sub = commands.add_parser("fit-temperature", help="fit a post-hoc temperature per fold on its validation "
-                                                      "probabilities (writes fold_X/temperature.json)")
+    sub = commands.add_parser("fit-temperature", help="deprecated (use fit-calibration --method temperature): fit a "
+                                                      "post-hoc temperature per fold on its validation probabilities "
+                                                      "(writes fold_X/temperature.json)")
     sub.add_argument("model_folder", help="trained model folder nnUNet_results/DatasetXXX/TRAINER__PLANS__CONF")
     sub.add_argument("-f", "--folds", nargs="+", default=None,
                      help="folds to fit (default: every fold_X with checkpoint_final.pth)")
@@ -260,8 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("out", help="an nnUNet_results-style root outside the model's results tree: the copy goes to "
                                  "OUT/DatasetXXX/NAME__PLANS__CONF")
     sub.add_argument("--temperature", action="store_true",
-                     help="fold each fold's fitted temperature (fold_X/temperature.json from fit-temperature) into "
-                          "its final layer")
+                     help="deprecated (use --calibration): fold each fold's fitted temperature "
+                          "(fold_X/temperature.json from fit-temperature) into its final layer")
     sub.add_argument("-f", "--folds", nargs="+", default=None,
                      help="folds to export (default: every fold_X with checkpoint_final.pth)")
     sub.add_argument("--name", default="nnUNetTrainer", metavar="TRAINER_FOLDER_NAME",
@@ -271,15 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--overwrite", action="store_true",
                      help="replace an earlier export of the same model in that folder (never any other folder)")
     sub.add_argument("--allow-bound", dest="allow_bound", action="store_true",
-                     help="with --temperature: fold in a temperature at a bound of fit-temperature's search too")
+                     help="fold in a temperature at a bound of its search too")
     sub.add_argument("--calibration", action="store_true",
                      help="fold each fold's map from fit-calibration (fold_X/calibration_map.json) into its final "
-                          "layer")
+                          "layer; the folds' maps must be of one scope (per fold, or one pooled map for exactly the "
+                          "exported folds) and fitted for their current checkpoints")
     sub.set_defaults(func=_export_portable_command)
 
-    sub = commands.add_parser("fit-calibration", help="fit a post-hoc calibrator per fold (temperature, vector or "
-                                                      "matrix scaling) on its validation logit sample, measured on a "
-                                                      "held-out part (writes fold_X/calibration_map.json)")
+    sub = commands.add_parser("fit-calibration", help="fit a post-hoc calibrator (temperature, vector or matrix "
+                                                      "scaling) per fold or pooled over the folds on their validation "
+                                                      "logit samples, measured on a held-out part (writes "
+                                                      "fold_X/calibration_map.json)")
     sub.add_argument("model_folder", help="trained model folder nnUNet_results/DatasetXXX/TRAINER__PLANS__CONF")
     sub.add_argument("--method", required=True, choices=["temperature", "vector", "matrix"],
                      help="softmax(z / T), softmax(w * z + b) per class, or softmax(W z + b) with ODIR")
@@ -288,8 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--scope", choices=("foreground", "crop"), default="crop",
                      help="voxels fitted on (default: crop, every voxel in nnU-Net's crop box; foreground only for "
                           "temperature); held-out metrics are reported in both")
+    sub.add_argument("--fit-on", dest="fit_on", choices=("fold", "pooled"), default="fold",
+                     help="fold: one map per fold from its own validation cases (default); pooled: one map from all "
+                          "chosen folds' validation cases, folded identically into each of them (the map of their "
+                          "ensemble, approximately)")
     sub.add_argument("--held-out", dest="held_out", type=float, default=0.2,
-                     help="fraction of each fold's sample kept out of the fit to measure it (default 0.2)")
+                     help="fraction of the sample kept out of the fit to measure it (default 0.2)")
     sub.add_argument("--revalidate", action="store_true",
                      help="run the fold's validation again with the calibration hook first (also done where the "
                           "logit sample is missing)")
@@ -329,6 +373,40 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--status", action="store_true",
                       help="print every step: done, running, failed (with its log) or pending, and stop")
     sub.set_defaults(func=_benchmark_command)
+
+    sub = commands.add_parser("predict", help="nnU-Net's prediction of a folder (nnUNetv2_predict's arguments) plus "
+                                              "the ensemble members' uncertainty maps and per-case confidence scores")
+    sub.add_argument("-i", required=True, help="input folder: CASE_0000<file_ending>, one file per channel")
+    sub.add_argument("-o", required=True, help="output folder (not inside the input folder)")
+    sub.add_argument("-d", default=None, help="dataset name or id (with -c, -tr, -p; or pass -m)")
+    sub.add_argument("-c", default=None, help="configuration, e.g. 3d_fullres")
+    sub.add_argument("-tr", default="nnUNetTrainer", help="trainer (default nnUNetTrainer)")
+    sub.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    sub.add_argument("-m", default=None, metavar="MODEL_FOLDER",
+                     help="the trained model folder TRAINER__PLANS__CONFIGURATION instead of -d -c -tr -p")
+    sub.add_argument("-f", nargs="+", default=["0", "1", "2", "3", "4"],
+                     help="folds of the ensemble, each a member (default 0 1 2 3 4)")
+    sub.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
+    sub.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="as nnUNetv2_predict (default "
+                                                                                      "cuda)")
+    sub.add_argument("-npp", type=int, default=_environment_int("nnUNet_npp", 3),
+                     help="preprocessing processes (default $nnUNet_npp or 3, as nnUNetv2_predict; 0: in this process)")
+    sub.add_argument("-nps", type=int, default=_environment_int("nnUNet_nps", 3),
+                     help="export processes (default $nnUNet_nps or 3; 0: in this process)")
+    sub.add_argument("--disable_tta", action="store_true", help="no test-time mirroring (as nnUNetv2_predict)")
+    sub.add_argument("--save_probabilities", action="store_true", help="also write CASE.npz and CASE.pkl, as "
+                                                                         "nnUNetv2_predict")
+    sub.add_argument("--continue_prediction", action="store_true",
+                     help="keep the cases already finished with the same members and maps")
+    sub.add_argument("--tta-members", dest="tta_members", action="store_true",
+                     help="every test-time mirroring of every fold is a member (default: each fold is one)")
+    sub.add_argument("--average", choices=["logits", "probabilities"], default="logits",
+                     help="how the members are combined into the segmentation (default logits, as nnU-Net)")
+    sub.add_argument("--maps", nargs="+", choices=["entropy", "mutual_information", "std"], default=None,
+                     help="maps to write into OUT/uncertainty_maps (default: all; entropy only for one member)")
+    sub.add_argument("--png", action="store_true", help="a review PNG per case: the slice with the most predicted "
+                                                        "foreground, image, contours and entropy")
+    sub.set_defaults(func=_predict_command)
     return parser
 
 

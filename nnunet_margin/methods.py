@@ -52,6 +52,7 @@ class Method:
     dice_weight: float = 0.0  # the base trainer's weight of nnU-Net's soft Dice (0: none)
     test_settings: tuple[Mapping[str, Any], ...] = ({},)  # settings under which random logits reach every term
     neighbourhood: bool = False  # a voxel's loss depends on its neighbours' labels (soft targets from them)
+    renamed: Mapping[str, str] = field(default_factory=dict)  # former trainer attribute -> its name now (refused)
 
     def __post_init__(self):
         object.__setattr__(self, "term", self.term or self.name)
@@ -128,7 +129,9 @@ MARGIN_CALIBRATION = Method(
               "nnUNetTrainerMarginCalib_paperLoss": {"margin_form": "paper"},
               "nnUNetTrainerMarginCalib_emptyAsOne": {"margin_empty_classes": "count_as_one"},
               "nnUNetTrainerMarginCalibDice_tau5": {"dice_weight": 1.0, "margin_tau": 5.0}},
-    test_settings=({}, {"form": "paper"}))
+    test_settings=({}, {"form": "paper"}),
+    renamed={"tau": "margin_tau", "upsilon": "margin_upsilon", "loss_form": "margin_form",
+             "empty_classes": "margin_empty_classes"})
 
 MBLS = Method(
     name="mbls", loss=MbLSLoss,

@@ -232,12 +232,18 @@ class MethodTrainer(LossTermsTrainer):
             cls.__doc__ = method.summary
 
     def method_settings(self) -> dict:
-        """The method's settings from this trainer's attributes; a misspelt `<prefix>_...` attribute is refused."""
+        """The method's settings from this trainer's attributes; a misspelt `<prefix>_...` attribute, or one of an
+        earlier release's names, is refused."""
         method = self.method
+        former = {name: now for name, now in method.renamed.items() if hasattr(type(self), name)}
+        if former:
+            raise ValueError(f"{type(self).__name__} sets " + ", ".join(
+                f"{name} (now called {now})" for name, now in former.items()) + ": rename the attribute, or it "
+                f"would be ignored")
         stray = [name for name in dir(type(self))
                  if name.startswith(f"{method.prefix}_") and name not in method.attributes]
         if stray:
-            raise AttributeError(f"{type(self).__name__} sets {', '.join(stray)}, which method {method.name!r} does "
+            raise ValueError(f"{type(self).__name__} sets {', '.join(stray)}, which method {method.name!r} does "
                                  f"not know; its settings are {', '.join(method.attributes)} "
                                  f"(nnunet_margin/methods.py). Fix the attribute's name.")
         return {setting: getattr(self, attribute) for attribute, setting in method.attributes.items()}

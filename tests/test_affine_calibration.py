@@ -1,6 +1,7 @@
 """Post-hoc affine calibrators (docs/methods.md section 6) and the logit sample they are fitted on: derivatives
-against autograd, recovery of known maps, agreement with TemperatureFit and Fiducio 0.2.0, folding into the last
-layer, serialisation, refusal of matrix scaling, uniformity, mergeability and persistence of the sample."""
+against autograd, recovery of known maps, agreement with Fiducio 0.2.0, folding into the last layer, serialisation,
+refusal of matrix scaling, uniformity, mergeability and persistence of the sample. Temperature scaling on stored
+probabilities: tests/test_temperature.py."""
 
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ from nnunet_margin.calibration import (
     check_matrix_scaling,
     evaluate_affine_calibrations,
     fit_affine_calibration,
-    fit_temperature,
     fold_affine_calibration,
 )
-from nnunet_margin.calibration.affine import _nll_sums
+from nnunet_margin.calibration.affine import PARAMETRISATIONS
+from nnunet_margin.calibration.affine.solver import nll_sums
 
 K = 4
 TRUE_SCALES = torch.tensor([1.6, 0.7, 1.2, 0.9], dtype=torch.float64)
@@ -82,7 +83,7 @@ def test_nll_gradient_and_hessian_match_autograd(method):
             calibrated = augmented[:, :K] @ logits + augmented[:, K:]
         return F.cross_entropy(calibrated.T, labels, reduction="sum")
 
-    nll, gradient, hessian = _nll_sums(method, parameters, logits, labels, hessian=True)
+    nll, gradient, hessian = nll_sums(PARAMETRISATIONS[method](K), parameters, logits, labels, hessian=True)
     assert float(nll) == pytest.approx(float(reference(parameters)), rel=1e-12)
     torch.testing.assert_close(gradient, torch.autograd.functional.jacobian(reference, parameters), rtol=1e-10,
                                atol=1e-9)
@@ -121,13 +122,6 @@ def test_temperature_recovers_a_known_temperature(true_temperature):
     assert not calibration.bias.any()
 
 
-def test_temperature_agrees_with_temperature_fit_on_probabilities():
-    logits, labels = random_logits(50_000, seed=3)
-    ours = fit_affine_calibration(logits.double(), labels, "temperature").info["temperature"]
-    theirs = fit_temperature(torch.softmax(logits.double(), dim=0), labels)
-    assert ours == pytest.approx(theirs, rel=1e-5)
-
-
 # ------------------------------------------------------------------------------------------------- Fiducio parity
 
 
@@ -137,8 +131,12 @@ def _fiducio_nll(calibrator, logits: torch.Tensor, labels: torch.Tensor) -> tupl
     return mean_nll(calibrated, labels), calibrated
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])
-@pytest.mark.parametrize("method, reference", [("vector", fiducio.VectorScaling), ("matrix", fiducio.MatrixScaling)])
+@pytest.mark.parametrize("method, reference, optimizer", [
+    ("temperature", fiducio.TemperatureScaling, "lbfgs"),
+    *((method, reference, optimizer) for method, reference in (("vector", fiducio.VectorScaling),
+                                                                ("matrix", fiducio.MatrixScaling))
+      for optimizer in ("adam", "lbfgs")),
+])
 def test_reaches_fiducio_nll(method, reference, optimizer):
     logits, labels = random_logits(40_000, seed=4)
     theirs, _ = _fiducio_nll(reference(optimizer=optimizer, device="cpu"), logits, labels)

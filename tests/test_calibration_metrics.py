@@ -12,7 +12,7 @@ import torch
 
 from nnunet_margin.calibration import (
     CalibrationStats,
-    TemperatureFit,
+    LogitSample,
     average_calibration_error,
     brier_score,
     classwise_average_calibration_error,
@@ -740,7 +740,7 @@ def test_probabilities_summing_to_two_are_rejected():
     assert doubled.max() <= 1
     with pytest.raises(ValueError, match=r"probabilities sum to 2 over the 3 classes at voxel \(\d+,\).*softmax"):
         CalibrationStats(3).update(doubled, labels)
-    for function in (expected_calibration_error, negative_log_likelihood, TemperatureFit().update):
+    for function in (expected_calibration_error, negative_log_likelihood, LogitSample().update_probabilities):
         with pytest.raises(ValueError, match="sum to 2"):
             function(doubled, labels)
     confident, labels = random_inputs(3, 1000, 3.0, seed=40)
@@ -760,7 +760,7 @@ def test_logits_and_unnormalised_scores_are_rejected(make_bad, message):
     with pytest.raises(ValueError, match=message):
         CalibrationStats(4).update(make_bad(probabilities), labels)
     with pytest.raises(ValueError, match=message):
-        TemperatureFit().update(make_bad(probabilities), labels)
+        LogitSample().update_probabilities(make_bad(probabilities), labels)
 
 
 @pytest.mark.parametrize("bad_voxel, message", [
@@ -779,10 +779,10 @@ def test_error_names_the_spatial_voxel(bad_voxel, message, monkeypatch):
     labels = torch.zeros(4, 3, 5, dtype=torch.long)
     mask = torch.rand(4, 3, 5, generator=torch.Generator().manual_seed(0)) < 0.6
     mask[2, 1, 3] = True
-    for accumulator in (CalibrationStats(3), TemperatureFit()):
+    for update in (CalibrationStats(3).update, LogitSample().update_probabilities):
         for inputs in (probabilities, transposed):
             with pytest.raises(ValueError, match=rf"{message}.* at voxel \(2, 1, 3\)|at voxel \(2, 1, 3\).*{message}"):
-                accumulator.update(inputs, labels, mask=mask)
+                update(inputs, labels, mask=mask)
 
 
 def test_bad_voxels_outside_the_mask_are_not_checked():
@@ -822,7 +822,5 @@ def test_empty_inputs_leave_the_accumulators_empty():
     assert stats.to_dict() == before
     assert np.isnan(expected_calibration_error(torch.zeros(3, 0), torch.zeros(0, dtype=torch.long)))
     assert np.isnan(brier_score(torch.zeros(3, 2, 0), torch.zeros(2, 0, dtype=torch.long)))
-    fit = TemperatureFit().update(torch.zeros(3, 0), torch.zeros(0, dtype=torch.long))
-    assert fit.num_voxels == 0
-    with pytest.raises(ValueError, match="no voxels to fit"):
-        fit.fit()
+    sample = LogitSample().update_probabilities(torch.zeros(3, 0), torch.zeros(0, dtype=torch.long))
+    assert sample.num_voxels == 0 and sample.voxels().num_voxels == 0

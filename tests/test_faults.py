@@ -9,10 +9,10 @@ random weights, and validation probabilities made from the ground truth.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
+import shlex
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -25,25 +25,23 @@ import SimpleITK as sitk
 import torch
 
 from nnunet_margin import cli
-from nnunet_margin.nnunet import temperature
+from nnunet_margin.calibration.affine import AffineCalibration
+from nnunet_margin.calibration.logit_sample import LogitSample
 from nnunet_margin.nnunet.compare_reports import load_method
-from nnunet_margin.nnunet.portable import EXPORT_INFO_FILE, PlainNetwork, export_portable
-from nnunet_margin.nnunet.provenance import PROVENANCE_FILE, file_sha256
 from nnunet_margin.nnunet.layout import TrainedModel
-from nnunet_margin.nnunet.temperature import TEMPERATURE_FILE, fit_model_temperatures
+from nnunet_margin.nnunet.portable import EXPORT_INFO_FILE, PlainNetwork, export_portable
+from nnunet_margin.nnunet.posthoc import legacy_temperature
+from nnunet_margin.nnunet.posthoc.legacy_temperature import TEMPERATURE_FILE, fit_model_temperatures
+from nnunet_margin.nnunet.provenance import PROVENANCE_FILE, file_sha256, record_validation
 
 from conftest import DATASET_NAME
+from portable_checks import retrain, tree_digest
 
 pytestmark = pytest.mark.e2e  # needs the session's planned dataset
 
 MODEL_NAME = "nnUNetTrainer__nnUNetPlans__3d_fullres"
 PORTABLE_NAME = "nnUNetTrainer_portable"
 CASES_PER_FOLD = 2
-
-
-def tree_digest(folder: Path) -> dict[str, str]:
-    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
 def _probabilities(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -284,7 +282,7 @@ def test_interrupted_nnunet_validation_is_refused_until_refreshed(model, nnunet_
         shutil.copy(stash / "summary.json", validation / "summary.json")
         return subprocess.CompletedProcess(command, 0)
 
-    monkeypatch.setattr(temperature.subprocess, "run", nnunet_validation)
+    monkeypatch.setattr(legacy_temperature.subprocess, "run", nnunet_validation)
     with interrupt_nth_call(shutil, "copy", 2), pytest.raises(KeyboardInterrupt):  # after the first case
         fit_model_temperatures(model, folds=["1"])
     assert len(list(validation.glob("*.npz"))) == 1 and not (model / "fold_1" / TEMPERATURE_FILE).exists()
@@ -348,8 +346,6 @@ def assert_clear_error(code: int, error: str, *words: str) -> None:
 def test_unreadable_files_are_named_with_the_problem_and_the_fix(model, nnunet_env, tmp_path, monkeypatch, capsys,
                                                                   broken):
     monkeypatch.setenv("nnUNet_preprocessed", str(nnunet_env.root / "preprocessed"))
-    from nnunet_margin.nnunet.provenance import record_validation
-
     record_validation(model / "fold_0")  # as a plugin trainer's validation leaves it
     for fold in ("fold_0", "fold_1"):
         (model / fold / TEMPERATURE_FILE).write_text(json.dumps({"temperature": 1.5}))
@@ -360,6 +356,77 @@ def test_unreadable_files_are_named_with_the_problem_and_the_fix(model, nnunet_e
     code, error = run_cli(command, model, *arguments, capsys=capsys)
     assert_clear_error(code, error, str(path), fix)
     assert not (tmp_path / "out").exists() or leftovers(tmp_path / "out") == []
+
+
+def write_logit_sample(fold_folder: Path, num_classes: int = 4) -> Path:
+    """A logit sample as the plugin's validation writes it, then its provenance record (the checkpoint's)."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, num_classes, (5_000,), generator=generator)
+    logits = torch.randn(num_classes, 5_000, generator=generator) + 3 * torch.eye(num_classes)[:, labels]
+    path = fold_folder / "validation" / "logit_sample.nnunet_margin"
+    LogitSample(seed=1).update(logits, labels).save(path)
+    record_validation(fold_folder)
+    return path
+
+
+def test_logit_sample_and_map_of_another_class_count_or_truncated_are_named(model, capsys):
+    """A truncated sample said "File is not a zip file"; a sample of another class count than dataset.json was
+    fitted, and only the export failed ("weight must have the K=5 output channels first")."""
+    sample = write_logit_sample(model / "fold_0")
+    fit = ["--method", "temperature", "-f", "0"]
+    refit = f"nnunet-margin fit-calibration {model} -f 0 --method temperature --scope crop --fit-on fold --revalidate"
+    _truncate(sample)
+    code, error = run_cli("fit-calibration", model, *fit, capsys=capsys)
+    assert_clear_error(code, error, str(sample), "truncated or corrupt", refit)
+
+    write_logit_sample(model / "fold_0", num_classes=5)
+    code, error = run_cli("fit-calibration", model, *fit, capsys=capsys)
+    assert_clear_error(code, error, str(sample), "logits of 5 classes", "defines 4 (background,", refit)
+    assert not (model / "fold_0" / "calibration_map.json").exists()
+
+    calibration = AffineCalibration.from_temperature(1.5, 5)  # a map of 5 classes, fitted before the check existed
+    (model / "fold_0" / "calibration_map.json").write_text(json.dumps(
+        {"calibration": calibration.to_dict(), "checkpoint_sha256": file_sha256(model / "fold_0" /
+                                                                                "checkpoint_final.pth")}))
+    code, error = run_cli("export-portable", model, str(model.parents[2] / "out"), "--calibration", "-f", "0",
+                          capsys=capsys)
+    assert_clear_error(code, error, str(model / "fold_0" / "calibration_map.json"), "maps 5 classes",
+                       "network outputs 4", "nnunet-margin fit-calibration")
+
+
+def test_temperature_of_another_checkpoint_is_not_exported(model, nnunet_env, tmp_path, monkeypatch, capsys):
+    """export-portable --temperature folded in a temperature fitted for an earlier checkpoint_final.pth."""
+    monkeypatch.setenv("nnUNet_preprocessed", str(nnunet_env.root / "preprocessed"))
+    record = fit_model_temperatures(model, folds=["0"])["fold_0"]
+    checkpoint = model / "fold_0" / "checkpoint_final.pth"
+    assert record["checkpoint_sha256"] == file_sha256(checkpoint)
+    retrain(model)
+    temperature_file = str(model / "fold_0" / TEMPERATURE_FILE)
+    code, error = run_cli("export-portable", model, str(tmp_path / "out"), "--temperature", capsys=capsys)
+    assert_clear_error(code, error, temperature_file, "fitted for another checkpoint_final.pth of fold_0",
+                       f"nnunet-margin fit-temperature {model} -f 0")
+
+    # a temperature.json of nnunet-margin 0.1.0 names no checkpoint: it must be newer than the checkpoint
+    (model / "fold_0" / TEMPERATURE_FILE).write_text(json.dumps({"temperature": 1.5}))
+    written = checkpoint.stat().st_mtime
+    os.utime(model / "fold_0" / TEMPERATURE_FILE, (written - 10, written - 10))
+    code, error = run_cli("export-portable", model, str(tmp_path / "out"), "--temperature", capsys=capsys)
+    assert_clear_error(code, error, temperature_file, "older than checkpoint_final.pth", "fit-temperature")
+    os.utime(model / "fold_0" / TEMPERATURE_FILE, (written + 10, written + 10))
+    code, error = run_cli("export-portable", model, str(tmp_path / "out"), "--temperature", "-f", "0", capsys=capsys)
+    assert code == 0 and "export-portable: deprecated: " in error and "--calibration" in error
+    info = json.loads((tmp_path / "out" / DATASET_NAME / MODEL_NAME / EXPORT_INFO_FILE).read_text())
+    assert info["temperatures_folded_in"] == {"fold_0": 1.5} and info["calibration_fit_on"] == "fold"
+    assert info["calibration_checkpoints"] == {"fold_0": file_sha256(checkpoint)}
+
+
+def test_suggested_prediction_command_is_shell_quoted(model, tmp_path, capsys):
+    out = tmp_path / "export's out dir"
+    assert cli.main(["export-portable", str(model), str(out), "-f", "0"]) == 0
+    command = capsys.readouterr().out.splitlines()[-1]
+    words = shlex.split(command)
+    assert words[0] == f"nnUNet_results={out}" and words[1:4] == ["nnUNetv2_predict", "-d", DATASET_NAME]
+    assert words[words.index("-tr") + 1] == "nnUNetTrainer"
 
 
 def test_corrupt_calibration_report_is_named(tmp_path, capsys):
@@ -423,7 +490,7 @@ def test_fit_and_export_change_nothing_in_the_source_but_temperature_and_validat
             shutil.copy(path, validation / path.name)
         return subprocess.CompletedProcess(command, 0)
 
-    monkeypatch.setattr(temperature.subprocess, "run", nnunet_validation)
+    monkeypatch.setattr(legacy_temperature.subprocess, "run", nnunet_validation)
     before = tree_digest(model)
     times = {path: path.stat().st_mtime_ns for path in model.rglob("*") if path.is_file()}
     fit_model_temperatures(model)

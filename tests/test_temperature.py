@@ -1,4 +1,7 @@
-"""Temperature scaling on stored probabilities: recovery of a known temperature, optimality, accumulation, errors."""
+"""Temperature scaling on stored probabilities, as fit-temperature fits it: the probabilities enter the one sampler
+as log-probabilities (`LogitSample.update_probabilities`) and the one temperature solver fits them. Recovery of a
+known temperature, the same T as on the logits of the same voxels, optimality against a generic minimiser, the
+bounds of the search, and the checks of the probabilities."""
 
 from __future__ import annotations
 
@@ -7,7 +10,8 @@ import pytest
 import torch
 from scipy.optimize import minimize_scalar
 
-from nnunet_margin.calibration import TemperatureFit, apply_temperature, fit_temperature, negative_log_likelihood
+from nnunet_margin.calibration import LogitSample, fit_affine_calibration, negative_log_likelihood
+from nnunet_margin.calibration.logit_sample import log_probabilities
 
 
 def stratified_voxels(temperature: float, groups: int = 1000, copies: int = 1000, num_classes: int = 4,
@@ -27,105 +31,112 @@ def stratified_voxels(temperature: float, groups: int = 1000, copies: int = 1000
     return probabilities.to(torch.float32), labels
 
 
-def random_voxels(num_voxels: int, num_classes: int = 3, seed: int = 0, temperature: float = 1.5):
-    """Probabilities softmax(z) (K, V) and labels sampled i.i.d. from softmax(z / temperature)."""
+def random_logits(num_voxels: int, num_classes: int = 3, seed: int = 0, temperature: float = 1.5):
+    """Logits z (K, V) float64 and labels sampled i.i.d. from softmax(z / temperature)."""
     generator = torch.Generator().manual_seed(seed)
     logits = torch.randn(num_classes, num_voxels, generator=generator, dtype=torch.float64) * 3
     labels = torch.multinomial(torch.softmax(logits / temperature, dim=0).T, 1, generator=generator)[:, 0]
-    return torch.softmax(logits, dim=0).to(torch.float32), labels
+    return logits, labels
+
+
+def fitted_temperature(probabilities, labels, mask=None, **options) -> float:
+    """fit-temperature's fit: the probabilities' sample, fitted by fit_affine_calibration's temperature."""
+    voxels = LogitSample().update_probabilities(probabilities, labels, mask).voxels()
+    return fit_affine_calibration(voxels.logits, voxels.labels, "temperature", **options).info["temperature"]
+
+
+def tempered(probabilities: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(log p / T), independently of the package (no clamping needed for p > 0)."""
+    return torch.softmax(probabilities.double().log() / temperature, dim=0)
 
 
 @pytest.mark.parametrize("true_temperature", [1.7, 0.6])
 def test_recovers_the_temperature_the_labels_were_drawn_with(true_temperature):
-    probabilities, labels = stratified_voxels(true_temperature)
-    assert fit_temperature(probabilities, labels) == pytest.approx(true_temperature, abs=1e-3)
+    probabilities, labels = stratified_voxels(true_temperature, copies=500)
+    assert fitted_temperature(probabilities, labels) == pytest.approx(true_temperature, abs=1e-3)
+
+
+def test_probabilities_give_the_temperature_of_the_logits_of_the_same_voxels():
+    """log p = z - logsumexp(z): fit-temperature (probabilities) and fit-calibration --method temperature (logits)
+    fit the same T on the same voxels, to the float32 rounding of the stored logits."""
+    logits, labels = random_logits(50_000, seed=3)
+    from_logits = LogitSample().update(logits, labels).voxels()
+    on_logits = fit_affine_calibration(from_logits.logits, from_logits.labels, "temperature").info["temperature"]
+    probabilities = torch.softmax(logits, dim=0).to(torch.float32)
+    assert fitted_temperature(probabilities, labels) == pytest.approx(on_logits, rel=1e-6)
+    assert on_logits == pytest.approx(1.5, rel=0.05)
 
 
 def test_minimises_the_nll_of_the_scaled_probabilities():
-    """The fit agrees with a generic 1-D minimiser of the project's NLL of apply_temperature(p, T)."""
-    probabilities, labels = random_voxels(20_000)
+    """The fit agrees with a generic 1-D minimiser of the project's NLL of softmax(log p / T)."""
+    logits, labels = random_logits(20_000)
+    probabilities = torch.softmax(logits, dim=0)
     # exact zeros, as nnU-Net exports outside its crop box (where the ground truth is background)
-    probabilities[:, :50] = torch.tensor([1.0, 0.0, 0.0])[:, None]
+    probabilities[:, :50] = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)[:, None]
     labels[:50] = 0
 
     def nll(temperature: float) -> float:
-        return negative_log_likelihood(apply_temperature(probabilities.double(), temperature), labels)
+        return negative_log_likelihood(torch.softmax(log_probabilities(probabilities) / temperature, dim=0), labels)
 
     reference = minimize_scalar(nll, bounds=(0.1, 10), method="bounded", options={"xatol": 1e-10}).x
-    fitted = fit_temperature(probabilities.double(), labels)
+    fitted = fitted_temperature(probabilities, labels)
     assert fitted == pytest.approx(reference, rel=1e-5)
     assert nll(fitted) < nll(1.0)
 
 
-def test_cases_fitted_jointly_equal_one_concatenated_fit():
-    probabilities, labels = random_voxels(30_000)
-    accumulated = TemperatureFit()
-    for part in torch.split(torch.arange(30_000), [5_000, 15_000, 10_000]):
-        accumulated.update(probabilities[:, part], labels[part])
-    assert accumulated.num_voxels == 30_000
-    assert accumulated.fit() == pytest.approx(fit_temperature(probabilities, labels), rel=1e-12)
-
-
 def test_mask_selects_the_voxels_that_count():
-    probabilities, labels = random_voxels(20_000)
+    logits, labels = random_logits(20_000)
+    probabilities = torch.softmax(logits, dim=0).to(torch.float32)
     mask = labels != 0
     mask[:100] = False
-    expected = fit_temperature(probabilities[:, mask], labels[mask])
-    assert fit_temperature(probabilities.reshape(3, 100, 200), labels.reshape(100, 200),
-                           mask.reshape(100, 200)) == pytest.approx(expected, rel=1e-12)
-    assert fit_temperature(probabilities.numpy(), labels.numpy(), mask.numpy()) == pytest.approx(expected, rel=1e-12)
-
-
-def test_beyond_max_voxels_a_bounded_random_sample_is_fitted():
-    probabilities, labels = random_voxels(200_000, seed=1)
-    sampled = TemperatureFit(max_voxels=20_000)
-    for part in torch.split(torch.arange(200_000), 7_000):
-        sampled.update(probabilities[:, part], labels[part])
-    assert (sampled.num_voxels, sampled.num_sampled) == (200_000, 20_000)
-    assert sum(len(keys) for keys in sampled._keys) <= 2 * 20_000
-    full = fit_temperature(probabilities, labels)
-    assert sampled.fit() == pytest.approx(full, rel=0.05)
-    assert sampled.fit() != full  # a sample, not all voxels
-
-
-def test_apply_temperature_is_softmax_of_scaled_logits():
-    generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(4, 6, 5, generator=generator, dtype=torch.float64) * 4
-    probabilities = torch.softmax(logits, dim=0)
-    for temperature in (0.3, 1.0, 2.5):
-        torch.testing.assert_close(apply_temperature(probabilities, temperature),
-                                   torch.softmax(logits / temperature, dim=0), rtol=0, atol=1e-12)
-    as_numpy = apply_temperature(probabilities.to(torch.float32).numpy(), 2.0)
-    assert isinstance(as_numpy, np.ndarray) and as_numpy.dtype == np.float32
-    np.testing.assert_allclose(as_numpy.sum(axis=0), 1.0, rtol=1e-6)
+    expected = fitted_temperature(probabilities[:, mask], labels[mask])
+    assert fitted_temperature(probabilities.reshape(3, 100, 200), labels.reshape(100, 200),
+                              mask.reshape(100, 200)) == pytest.approx(expected, rel=1e-12)
+    assert fitted_temperature(probabilities.numpy(), labels.numpy(), mask.numpy()) == pytest.approx(expected,
+                                                                                                   rel=1e-12)
 
 
 def test_fitting_on_rescaled_probabilities_divides_the_temperature():
     """softmax(log softmax(z / 2) / T) = softmax(z / 2T): the fit on probabilities tempered by 2 is T / 2."""
-    probabilities, labels = random_voxels(20_000)
-    original = fit_temperature(probabilities.double(), labels)
-    tempered = fit_temperature(apply_temperature(probabilities.double(), 2.0), labels)
-    assert tempered == pytest.approx(original / 2, rel=1e-9)
+    logits, labels = random_logits(20_000)
+    probabilities = torch.softmax(logits, dim=0)
+    original = fitted_temperature(probabilities, labels)
+    assert fitted_temperature(tempered(probabilities, 2.0), labels) == pytest.approx(original / 2, rel=1e-6)
 
 
 def test_zero_probability_of_the_true_class_is_clamped_not_nan():
-    probabilities, labels = random_voxels(2_000)
+    logits, labels = random_logits(2_000)
+    probabilities = torch.softmax(logits, dim=0).to(torch.float32)
     probabilities[:, 0] = torch.tensor([1.0, 0.0, 0.0])
     labels[0] = 2
-    temperature = fit_temperature(probabilities, labels)
-    assert np.isfinite(temperature) and temperature > fit_temperature(probabilities[:, 1:], labels[1:])
+    temperature = fitted_temperature(probabilities, labels)
+    assert np.isfinite(temperature) and temperature > fitted_temperature(probabilities[:, 1:], labels[1:])
 
 
-def test_perfectly_separated_voxels_return_the_lower_bound_with_a_warning():
-    probabilities = torch.tensor([[0.9, 0.2], [0.1, 0.8]])
-    with pytest.warns(UserWarning, match="keeps decreasing towards the bound T = 0.01"):
-        assert fit_temperature(probabilities, torch.tensor([0, 1])) == 0.01
+@pytest.mark.parametrize("probabilities, labels, side, bound", [
+    # every voxel right: sharpening towards 0 and 1 keeps helping, T falls to the lower bound
+    (torch.tensor([[0.9, 0.2], [0.1, 0.8]]), torch.tensor([0, 1]), "lower", 0.01),
+    # confident and always wrong: flattening towards uniform keeps helping, T rises to the upper bound
+    (torch.tensor([[0.9, 0.2], [0.1, 0.8]]), torch.tensor([1, 0]), "upper", 100.0),
+])
+def test_a_minimum_beyond_a_bound_returns_the_bound_with_a_warning(probabilities, labels, side, bound):
+    voxels = LogitSample().update_probabilities(probabilities, labels).voxels()
+    with pytest.warns(UserWarning, match=f"keeps decreasing towards the bound T = {bound:g}"):
+        calibration = fit_affine_calibration(voxels.logits, voxels.labels, "temperature")
+    assert (calibration.info["temperature"], calibration.info["at_bound"]) == (bound, side)
+    torch.testing.assert_close(calibration.weight, torch.eye(2, dtype=torch.float64) / bound)
+    narrow_bound = 0.5 if side == "lower" else 2.0
+    with pytest.warns(UserWarning, match=f"towards the bound T = {narrow_bound:g}"):
+        narrower = fit_affine_calibration(voxels.logits, voxels.labels, "temperature", temperature_bounds=(0.5, 2.0))
+    assert narrower.info["temperature"] == narrow_bound
 
 
-@pytest.mark.parametrize("temperature", [0, -1.0, float("nan"), float("inf")])
-def test_apply_temperature_rejects_invalid_temperatures(temperature):
-    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
-        apply_temperature(torch.full((2, 3), 0.5), temperature)
+def test_an_interior_temperature_is_no_bound():
+    logits, labels = random_logits(5_000)
+    calibration = fit_affine_calibration(logits, labels, "temperature")
+    assert calibration.info["at_bound"] is None and calibration.info["converged"]
+    with pytest.raises(ValueError, match="temperature bounds must be 0 < low < high"):
+        fit_affine_calibration(logits, labels, "temperature", temperature_bounds=(2.0, 1.0))
 
 
 @pytest.mark.parametrize("probabilities, labels, mask, message", [
@@ -137,19 +148,18 @@ def test_apply_temperature_rejects_invalid_temperatures(temperature):
     (torch.full((2, 3), 0.5), torch.tensor([0, 1, 1]), torch.ones(3), "bool array"),
     (torch.tensor([[0.5, float("nan"), 0.5]] * 2), torch.tensor([0, 1, 1]), None, "NaN"),
     (torch.tensor([[1.5, 0.5], [-0.5, 0.5]]), torch.tensor([0, 1]), None, "negative"),
+    (torch.tensor([[0.5, 0.9], [0.5, 0.9]]), torch.tensor([0, 1]), None, r"sum to 1\.8 .* at voxel \(1,\)"),
 ])
-def test_update_rejects_bad_input(probabilities, labels, mask, message):
+def test_update_probabilities_rejects_bad_input(probabilities, labels, mask, message):
     with pytest.raises(ValueError, match=message):
-        TemperatureFit().update(probabilities, labels, mask)
+        LogitSample().update_probabilities(probabilities, labels, mask)
 
 
-def test_errors_for_inconsistent_classes_empty_data_and_bad_settings():
-    fit = TemperatureFit().update(torch.full((2, 3), 0.5), torch.tensor([0, 1, 1]))
+def test_inconsistent_classes_and_empty_data_are_refused():
+    sample = LogitSample().update_probabilities(torch.full((2, 3), 0.5), torch.tensor([0, 1, 1]))
     with pytest.raises(ValueError, match="3 classes, earlier updates had 2"):
-        fit.update(torch.full((3, 3), 1 / 3), torch.tensor([0, 1, 2]))
-    with pytest.raises(ValueError, match="bounds must be"):
-        fit.fit(bounds=(2.0, 1.0))
+        sample.update_probabilities(torch.full((3, 3), 1 / 3), torch.tensor([0, 1, 2]))
+    empty = LogitSample().update_probabilities(torch.full((2, 3), 0.5), torch.tensor([0, 1, 1]),
+                                               torch.zeros(3, dtype=torch.bool)).voxels()
     with pytest.raises(ValueError, match="no voxels to fit"):
-        TemperatureFit().update(torch.full((2, 3), 0.5), torch.tensor([0, 1, 1]), torch.zeros(3, dtype=bool)).fit()
-    with pytest.raises(ValueError, match="max_voxels must be a positive integer"):
-        TemperatureFit(max_voxels=0)
+        fit_affine_calibration(empty.logits, empty.labels, "temperature")

@@ -165,9 +165,16 @@ def test_loss_terms_other_than_weighted_segmentation_losses_are_refused(terms, e
 def test_a_misspelt_setting_is_refused_naming_the_attribute():
     trainer = trainer_of(trainers.nnUNetTrainerMbLS)
     trainer.__class__ = subclass(trainers.nnUNetTrainerMbLS, "nnUNetTrainerMbLS_typo", mbls_margn=5.0)
-    with pytest.raises(AttributeError, match="nnUNetTrainerMbLS_typo sets mbls_margn, which method 'mbls' does not "
-                                             "know; its settings are mbls_margin, mbls_alpha"):
+    with pytest.raises(ValueError, match="nnUNetTrainerMbLS_typo sets mbls_margn, which method 'mbls' does not "
+                                         "know; its settings are mbls_margin, mbls_alpha"):
         trainer.loss_terms()
+
+
+def test_a_setting_under_its_former_name_is_refused_naming_the_new_one():
+    trainer = trainer_of(trainers.nnUNetTrainerMarginCalib)
+    trainer.__class__ = subclass(trainers.nnUNetTrainerMarginCalib, "nnUNetTrainerMarginCalib_old", tau=5.0)
+    with pytest.raises(ValueError, match=r"nnUNetTrainerMarginCalib_old sets tau \(now called margin_tau\)"):
+        trainer.method_settings()
 
 
 def test_a_bad_setting_is_refused_naming_the_trainer():

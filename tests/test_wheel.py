@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,9 @@ def test_wheel_ships_the_trainer_shims(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
                     str(tmp_path / "dist"), str(source)], check=True, capture_output=True)
     (wheel,) = (tmp_path / "dist").glob("nnunet_margin-*.whl")
+    packed = set(zipfile.ZipFile(wheel).namelist())
+    packages = [str(init.relative_to(REPO)) for init in (REPO / "nnunet_margin").rglob("__init__.py")]
+    assert [package for package in packages if package not in packed] == [], "add them to pyproject.toml's packages"
 
     # A fresh venv: its own site-packages first, the test venv's dependencies (torch, nnunetv2) behind it, but not
     # the editable install of this repo (its .pth files are not processed from a path entry).

@@ -4,8 +4,8 @@
 functions compute one metric in one call; `plot_reliability_diagram` draws the reliability curves; `boundary_scope`
 selects the voxels near ground-truth class boundaries; `surface_distances` gives HD95 and ASD per class. The papers'
 comparison table of methods is the separate package `nnunet_margin.comparison`.
-`TemperatureFit` fits a temperature to stored probabilities; `LogitSample` and `fit_affine_calibration` fit
-temperature, vector or matrix scaling to logits, which `fold_affine_calibration` folds into the network's last layer.
+`LogitSample` (of logits, or of stored probabilities as log-probabilities) and `fit_affine_calibration` fit
+temperature, vector or matrix scaling, which `fold_affine_calibration` folds into the network's last layer.
 """
 
 from .affine import (
@@ -30,7 +30,6 @@ from .logit_sample import LabelledLogits, LogitSample
 from .reliability import plot_reliability_diagram
 from .stats import CalibrationStats, ReliabilityBins
 from .surface import surface_distances
-from .temperature import TemperatureFit, apply_temperature, fit_temperature
 
 __all__ = [
     "AffineCalibration",
@@ -38,8 +37,6 @@ __all__ = [
     "LabelledLogits",
     "LogitSample",
     "ReliabilityBins",
-    "TemperatureFit",
-    "apply_temperature",
     "average_calibration_error",
     "boundary_scope",
     "boundary_voxels",
@@ -50,7 +47,6 @@ __all__ = [
     "evaluate_affine_calibrations",
     "expected_calibration_error",
     "fit_affine_calibration",
-    "fit_temperature",
     "fold_affine_calibration",
     "logit_calibration_metrics",
     "maximum_calibration_error",

@@ -1,6 +1,5 @@
-"""Input checks of the calibration modules: array types, dtypes and shapes (`CalibrationStats`, `TemperatureFit`,
-`LogitSample`), the one-volume and batch forms of the metrics (`is_batch`), the label range and the probability
-values."""
+"""Input checks of the calibration modules: array types, dtypes and shapes (`CalibrationStats`, `LogitSample`), the
+one-volume and batch forms of the metrics (`is_batch`), the label range and the probability values."""
 
 from __future__ import annotations
 

@@ -7,18 +7,32 @@ the bottom-k sample of the union (the smallest keys of a union lie among the sma
 their keys are independent: each sample must have its own seed. Every voxel also gets a second independent uniform
 number, `position`, which splits the sample deterministically into fit and held-out parts, and the fit part into
 cross-validation folds, independently of which voxels were kept (docs/methods.md section 6).
+
+Stored probabilities p = softmax(z) enter as logits log p (`update_probabilities`): log p = z - logsumexp(z) differs
+from z by one constant per voxel, which no affine calibrator's softmax(A z + b) with A = I / T sees (docs/methods.md
+6); probabilities are clamped at the smallest normal number of their dtype before the log, as in the NLL of
+`CalibrationStats`.
 """
 
 from __future__ import annotations
 
 import os
+import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .._atomic import atomic_path
-from .checks import ArrayLike, check_label_range, check_voxel_arrays
+from .checks import (
+    ArrayLike,
+    check_label_range,
+    check_probability_values,
+    check_voxel_arrays,
+    probability_sum_tolerance,
+)
+from .chunks import chunk_voxel_index, true_positions
 
 # 2 * 10**6 voxels: 8 MiB of float32 per class, and a statistical error of fitted calibrators far below that of the
 # few validation cases they come from.
@@ -26,6 +40,14 @@ DEFAULT_MAX_VOXELS = 2_000_000
 # Logit entries (voxels x classes) processed at once.
 _CHUNK_ENTRIES = 2**20
 _FORMAT_VERSION = 1
+
+
+def log_probabilities(probabilities: ArrayLike) -> torch.Tensor:
+    """log p of probabilities of any float dtype, in at least float32, p clamped at the smallest normal number of its
+    dtype (see the module docstring)."""
+    probabilities = torch.as_tensor(probabilities)
+    tiny = torch.finfo(probabilities.dtype).tiny
+    return probabilities.to(torch.promote_types(probabilities.dtype, torch.float32)).clamp_min(tiny).log()
 
 
 @dataclass(frozen=True)
@@ -92,31 +114,48 @@ class LogitSample:
         Values are checked chunk by chunk while they are added, so after a ValueError for bad values part of this
         call's voxels may have been added: start a new sample.
         """
-        logits, labels, mask = self._checked_inputs(logits, labels, mask)
-        flat_logits = logits.reshape(self.num_classes, -1)
+        for chunk_logits, chunk_labels, _ in self._chunks(logits, labels, mask, "logits"):
+            self._add_chunk(chunk_logits, chunk_labels)
+        return self
+
+    def update_probabilities(self, probabilities: ArrayLike, labels: ArrayLike,
+                             mask: ArrayLike | None = None) -> LogitSample:
+        """Add voxels of stored probabilities (K, *spatial), as logits log p (see the module docstring). Where the
+        mask is True, probabilities must be finite, in [0, 1] and sum to 1 over the classes (the check of
+        `CalibrationStats.update`, naming the voxel). Otherwise as `update`."""
+        probabilities = torch.as_tensor(probabilities)
+        sum_tolerance = probability_sum_tolerance(probabilities.dtype) if probabilities.is_floating_point() else 0.0
+        for chunk, chunk_labels, voxel_index in self._chunks(probabilities, labels, mask, "probabilities"):
+            check_probability_values(chunk, sum_tolerance, voxel_index)
+            self._add_chunk(log_probabilities(chunk), chunk_labels)
+        return self
+
+    def _chunks(self, values: ArrayLike, labels: ArrayLike, mask: ArrayLike | None, name: str
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, Callable[[int], tuple[int, ...]]]]:
+        """(values (K, n), labels (n,) int64, voxel index for messages) of the counted voxels, chunk by chunk."""
+        values, labels, mask = self._checked_inputs(values, labels, mask, name)
+        flat_values = values.reshape(self.num_classes, -1)
         flat_labels = labels.reshape(-1)
         flat_mask = None if mask is None else mask.reshape(-1)
         chunk = max(1, _CHUNK_ENTRIES // self.num_classes)
         for start in range(0, flat_labels.numel(), chunk):
-            part = slice(start, start + chunk)
-            chunk_logits, chunk_labels = flat_logits[:, part], flat_labels[part].to(torch.int64)
+            batch: slice | torch.Tensor = slice(start, start + chunk)
             if flat_mask is not None:
-                counted = flat_mask[part]
-                chunk_logits, chunk_labels = chunk_logits[:, counted], chunk_labels[counted]
-            self._add_chunk(chunk_logits, chunk_labels)
-        return self
+                batch = true_positions(flat_mask[batch]) + start
+            yield (flat_values[:, batch], flat_labels[batch].to(torch.int64),
+                   chunk_voxel_index(tuple(labels.shape), batch))
 
-    def _checked_inputs(self, logits: ArrayLike, labels: ArrayLike, mask: ArrayLike | None):
-        logits, labels = torch.as_tensor(logits), torch.as_tensor(labels)
+    def _checked_inputs(self, values: ArrayLike, labels: ArrayLike, mask: ArrayLike | None, name: str):
+        values, labels = torch.as_tensor(values), torch.as_tensor(labels)
         mask = None if mask is None else torch.as_tensor(mask)
-        if logits.ndim < 2 or logits.shape[0] < 2 or not logits.is_floating_point():
-            raise ValueError(f"logits must be a floating point array of shape (K >= 2, *spatial), got dtype "
-                             f"{logits.dtype} and shape {tuple(logits.shape)}")
-        if self.num_classes is not None and logits.shape[0] != self.num_classes:
-            raise ValueError(f"logits have {logits.shape[0]} classes, earlier updates had {self.num_classes}")
-        check_voxel_arrays(logits, labels, mask, name="logits")
-        self.num_classes = int(logits.shape[0])
-        return logits, labels, mask
+        if values.ndim < 2 or values.shape[0] < 2 or not values.is_floating_point():
+            raise ValueError(f"{name} must be a floating point array of shape (K >= 2, *spatial), got dtype "
+                             f"{values.dtype} and shape {tuple(values.shape)}")
+        if self.num_classes is not None and values.shape[0] != self.num_classes:
+            raise ValueError(f"{name} have {values.shape[0]} classes, earlier updates had {self.num_classes}")
+        check_voxel_arrays(values, labels, mask, name=name)
+        self.num_classes = int(values.shape[0])
+        return values, labels, mask
 
     def _add_chunk(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """logits (K, n) and labels (n,) of the voxels that count."""
@@ -239,19 +278,23 @@ class LogitSample:
     @classmethod
     def load(cls, path: str | os.PathLike) -> LogitSample:
         """Inverse of `save`: later updates continue the saved random stream."""
-        with np.load(path, allow_pickle=False) as data:
-            if int(data["format_version"]) != _FORMAT_VERSION:
-                raise ValueError(f"{path} has format version {int(data['format_version'])}, this code reads "
-                                 f"{_FORMAT_VERSION}")
-            seeds = [int(seed) for seed in data["seeds"]]
-            sample = cls(int(data["max_voxels"]), seeds[0])
-            sample.seeds = tuple(seeds)
-            sample.num_classes = int(data["num_classes"])
-            sample.num_voxels = int(data["num_voxels"])
-            sample._key_threshold = float(data["key_threshold"])
-            sample._generator.set_state(torch.from_numpy(data["generator_state"].copy()))
-            logits, labels = torch.from_numpy(data["logits"].copy()), torch.from_numpy(data["labels"].copy())
-            keys, positions = torch.from_numpy(data["keys"].copy()), torch.from_numpy(data["positions"].copy())
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                version = int(data["format_version"])
+                if version != _FORMAT_VERSION:
+                    raise ValueError(f"{path} has format version {version}, this code reads {_FORMAT_VERSION}")
+                seeds = [int(seed) for seed in data["seeds"]]
+                sample = cls(int(data["max_voxels"]), seeds[0])
+                sample.seeds = tuple(seeds)
+                sample.num_classes = int(data["num_classes"])
+                sample.num_voxels = int(data["num_voxels"])
+                sample._key_threshold = float(data["key_threshold"])
+                sample._generator.set_state(torch.from_numpy(data["generator_state"].copy()))
+                logits, labels = torch.from_numpy(data["logits"].copy()), torch.from_numpy(data["labels"].copy())
+                keys, positions = torch.from_numpy(data["keys"].copy()), torch.from_numpy(data["positions"].copy())
+        except (zipfile.BadZipFile, EOFError, KeyError, IndexError) as error:
+            raise ValueError(f"{path} is not a complete logit sample: it is truncated or corrupt "
+                             f"({type(error).__name__}: {error})") from None
         held = len(keys)
         if (tuple(logits.shape) != (sample.num_classes, held) or logits.dtype != torch.float32
                 or tuple(labels.shape) != (held,) or tuple(positions.shape) != (held,)

@@ -15,6 +15,7 @@ import contextlib
 import copy
 import inspect
 import io
+import itertools
 import json
 import tempfile
 import textwrap
@@ -22,7 +23,7 @@ import warnings
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -648,6 +649,361 @@ def _check_model_export() -> None:
     parts = [*layout.MODEL_FILES, *(part for path in layout.EXPORTED_FOLD_FILES for part in path.split("/"))]
     missing = [part for part in parts if not _mentions(source, part)]
     _require("model_export", not missing, f"export_pretrained_model no longer packs {missing}")
+
+
+# --- prediction -------------------------------------------------------------------------------------------------
+
+def load_predictor(model_folder: str | Path, folds: Sequence[str], checkpoint: str, device: torch.device,
+                   use_mirroring: bool):
+    """nnU-Net's predictor of `folds` of a trained model folder, set up as nnUNetv2_predict sets it up (Gaussian
+    weighting, step size 0.5, test-time mirroring unless disabled, results kept on the device when it is a GPU),
+    without progress bars and nnU-Net's messages."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=use_mirroring,
+                                    perform_everything_on_device=True, device=device, allow_tqdm=False)
+        predictor.initialize_from_trained_model_folder(str(model_folder), [f if f == "all" else int(f) for f in folds],
+                                                       checkpoint_name=checkpoint)
+    return predictor
+
+
+@_seam("predictor", "nnUNetv2_predict builds nnUNetPredictor(tile_step_size=0.5 by default, use_gaussian=True, "
+                    "use_mirroring=not --disable_tta, perform_everything_on_device=True) and "
+                    "initialize_from_trained_model_folder keeps one state dict per fold in list_of_parameters")
+def _check_predictor() -> None:
+    from nnunetv2.inference import predict_from_raw_data as module
+
+    entry = _source(module.predict_entry_point)
+    for expected in ("'-step_size', type=float, required=False, default=0.5", "use_gaussian=True",
+                     "use_mirroring=not args.disable_tta", "perform_everything_on_device=not args.not_on_device"):
+        _require("predictor", expected in entry, f"nnUNetv2_predict no longer sets `{expected}`")
+    initialise = _source(module.nnUNetPredictor.initialize_from_trained_model_folder)
+    _require("predictor", "parameters.append(checkpoint['network_weights'])" in initialise
+             and "self.list_of_parameters = parameters" in initialise,
+             "initialize_from_trained_model_folder no longer keeps each fold's weights in list_of_parameters")
+
+
+def unsupported_model(predictor) -> str | None:
+    """Why `nnunet-margin predict` cannot take this model (a cascade stage, region-based labels), or None."""
+    if predictor.configuration_manager.previous_stage_name is not None:
+        return (f"the configuration is a cascade stage (it needs the segmentations of "
+                f"{predictor.configuration_manager.previous_stage_name}); predict it with nnUNetv2_predict "
+                f"-prev_stage_predictions")
+    if predictor.label_manager.has_regions:
+        return ("the model is region-based (sigmoid outputs): the entropy and member maps are defined for one "
+                "softmax over classes")
+    return None
+
+
+def class_names(dataset_json: dict) -> list[str]:
+    """Names of the foreground classes 1..K-1 of a (not region-based) dataset.json, in class order."""
+    by_value = {value: name for name, value in dataset_json["labels"].items() if name != "ignore"}
+    return [by_value[value] for value in sorted(by_value) if value != 0]
+
+
+def channel_names(dataset_json: dict) -> list[str]:
+    """The input channels a model was trained on, in file-number order (_0000, _0001, ...)."""
+    channels = dataset_json["modality"] if "modality" in dataset_json else dataset_json["channel_names"]
+    return [channels[key] for key in sorted(channels, key=int)]
+
+
+@_seam("dataset_json", "a dataset.json lists the input channels in channel_names (or the older modality) and the "
+                       "classes in labels (name -> value, 'ignore' the ignore label)")
+def _check_dataset_json() -> None:
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+
+    _require("dataset_json", "len(dataset_json['modality']) if 'modality' in dataset_json.keys() else "
+             "len(dataset_json['channel_names'])" in _source(determine_num_input_channels),
+             "determine_num_input_channels counts the channels differently")
+    _require("dataset_json", "self.label_dict.get('ignore')" in _source(LabelManager._determine_ignore_label),
+             "the ignore label is no longer labels['ignore']")
+
+
+def input_case_files(folder: str | Path, file_ending: str) -> dict[str, list[str]]:
+    """The cases of an input folder as nnUNetv2_predict groups them: {case: its files CASE_XXXX<file_ending>, one per
+    channel, sorted}."""
+    from batchgenerators.utilities.file_and_folder_operations import subfiles
+    from nnunetv2.utilities.utils import create_paths_fn, get_identifiers_from_splitted_dataset_folder
+
+    files = subfiles(str(folder), suffix=file_ending, join=False, sort=True)
+    return {str(case): create_paths_fn(str(folder), files, file_ending, case)
+            for case in get_identifiers_from_splitted_dataset_folder(str(folder), file_ending)}
+
+
+def channel_number(file: str | Path, case: str) -> int:
+    """The channel number XXXX of an input file CASE_XXXX<file_ending>."""
+    return int(Path(file).name[len(case) + 1:len(case) + 5])
+
+
+@_seam("input_files", "nnUNetv2_predict groups the input files CASE_XXXX<file_ending> by case with "
+                      "get_identifiers_from_splitted_dataset_folder and create_paths_fn")
+def _check_input_files() -> None:
+    from nnunetv2.utilities import utils
+
+    identifiers = _source(utils.get_identifiers_from_splitted_dataset_folder)
+    _require("input_files", "crop = len(file_ending) + 5" in identifiers,
+             "case identifiers are no longer the file names minus _XXXX<file_ending>")
+    _require("input_files", r'"_\d\d\d\d" + re.escape(file_ending)' in _source(utils.create_paths_fn),
+             "create_paths_fn no longer matches CASE_XXXX<file_ending>")
+    _require("input_files", "create_paths_fn" in _source(utils.create_lists_from_splitted_dataset_folder),
+             "create_lists_from_splitted_dataset_folder no longer uses create_paths_fn")
+
+
+def preprocessed_cases(predictor, case_files: list[list[str]], output_files: list[str],
+                       num_processes: int) -> Iterator[tuple[str, torch.Tensor, dict]]:
+    """Each case preprocessed as nnUNetv2_predict preprocesses it: in this process with num_processes 0 (its
+    sequential path, the configuration's preprocessor), else in nnU-Net's background workers; yields (output file
+    without ending, data (C, *spatial) float32, properties) in input order."""
+    if num_processes == 0:
+        preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+        for files, output in zip(case_files, output_files):
+            data, _, properties = preprocessor.run_case(files, None, predictor.plans_manager,
+                                                        predictor.configuration_manager, predictor.dataset_json)
+            yield output, torch.from_numpy(data), properties
+        return
+    from nnunetv2.inference.data_iterators import preprocessing_iterator_fromfiles
+
+    for item in preprocessing_iterator_fromfiles(case_files, None, output_files, predictor.plans_manager,
+                                                 predictor.dataset_json, predictor.configuration_manager,
+                                                 num_processes, predictor.device.type == "cuda", False):
+        data = item["data"]
+        if isinstance(data, str):  # nnU-Net's workers may hand large arrays over as a temporary .npy file
+            path, data = data, torch.from_numpy(np.load(data))
+            Path(path).unlink()
+        yield item["ofile"], data, item["data_properties"]
+
+
+@_seam("preprocessing", "nnUNetv2_predict preprocesses with configuration_manager.preprocessor_class().run_case "
+                        "(sequential) or preprocessing_iterator_fromfiles, whose items hold 'data' (a tensor or a "
+                        ".npy file name), 'ofile' and 'data_properties'")
+def _check_preprocessing() -> None:
+    from nnunetv2.inference import predict_from_raw_data as module
+
+    sequential = _source(module.nnUNetPredictor.predict_from_files_sequential)
+    _require("preprocessing", "preprocessor.run_case(" in sequential and "torch.from_numpy(data)" in sequential,
+             "predict_from_files_sequential preprocesses differently")
+    iterating = _source(module.nnUNetPredictor.predict_from_data_iterator)
+    for expected in ("preprocessed['data']", "np.load(data)", "preprocessed['ofile']",
+                     "preprocessed['data_properties']"):
+        _require("preprocessing", expected in iterating, f"predict_from_data_iterator no longer reads {expected}")
+
+
+def ensemble_logits(predictor, data: torch.Tensor, observe_member: Callable[[torch.Tensor], None]) -> torch.Tensor:
+    """nnU-Net's own ensemble logits of a preprocessed case (predict_logits_from_preprocessed_data: each fold's
+    sliding-window logits, added up on the CPU and divided by the number of folds), with observe_member called on each
+    fold's logits (CPU, float16) as they come. observe_member must not keep them: nnU-Net adds the later folds into
+    the first fold's tensor."""
+    sliding_window = predictor.predict_sliding_window_return_logits
+
+    def observed(image: torch.Tensor) -> torch.Tensor:
+        logits = sliding_window(image).to("cpu")
+        observe_member(logits)
+        return logits
+
+    predictor.predict_sliding_window_return_logits = observed
+    try:
+        return predictor.predict_logits_from_preprocessed_data(data)
+    finally:
+        del predictor.predict_sliding_window_return_logits
+
+
+@_seam("ensemble_logits", "predict_logits_from_preprocessed_data loads each fold's weights, adds up "
+                          "predict_sliding_window_return_logits(data).to('cpu') and divides by the number of folds")
+def _check_ensemble_logits() -> None:
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    source = _source(nnUNetPredictor.predict_logits_from_preprocessed_data)
+    for expected in ("for params in self.list_of_parameters:", "self.network.load_state_dict(params)",
+                     "prediction += self.predict_sliding_window_return_logits(data).to('cpu')",
+                     "prediction /= len(self.list_of_parameters)"):
+        _require("ensemble_logits", expected in source,
+                 f"predict_logits_from_preprocessed_data no longer contains `{expected}`")
+
+
+def mirrorings(predictor) -> list[tuple[int, ...]]:
+    """The mirrorings of nnU-Net's test-time augmentation as spatial axes of the preprocessed array: () (none) first,
+    then each combination of the allowed axes in nnU-Net's order; just () when mirroring is off."""
+    axes = predictor.allowed_mirroring_axes if predictor.use_mirroring else None
+    return [()] + [combination for size in range(len(axes or ())) for combination in
+                   itertools.combinations(axes, size + 1)]
+
+
+class _Mirrored(torch.nn.Module):
+    """A network applied to the input flipped along `dims`, its output flipped back (one test-time mirroring)."""
+
+    def __init__(self, network: torch.nn.Module, dims: tuple[int, ...]):
+        super().__init__()
+        self.network, self.dims = network, dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flip(self.network(torch.flip(x, self.dims)), self.dims)
+
+
+@torch.inference_mode()
+def mirrored_member_logits(predictor, data: torch.Tensor,
+                           observe_member: Callable[[torch.Tensor], None]) -> torch.Tensor:
+    """Every mirroring of every fold as a member: nnU-Net's sliding window (Gaussian weighting, float16
+    accumulation) once per fold and mirroring, with nnU-Net's mirroring off and the network wrapped in that
+    mirroring's flips; observe_member is called on each member's logits (CPU). Returns the mean of all members'
+    logits (float32): nnU-Net's ensemble logits up to rounding (nnU-Net averages the mirrorings inside each patch)."""
+    from nnunetv2.inference import predict_from_raw_data
+
+    network, use_mirroring, threads = predictor.network, predictor.use_mirroring, torch.get_num_threads()
+    members = mirrorings(predictor)
+    total = None
+    # the threads of predict_logits_from_preprocessed_data
+    torch.set_num_threads(min(predict_from_raw_data.default_num_processes, threads))
+    try:
+        predictor.use_mirroring = False
+        for parameters in predictor.list_of_parameters:
+            getattr(network, "_orig_mod", network).load_state_dict(parameters)
+            for axes in members:
+                predictor.network = _Mirrored(network, tuple(axis + 2 for axis in axes)) if axes else network
+                logits = predictor.predict_sliding_window_return_logits(data).to("cpu")
+                observe_member(logits)
+                total = logits.float() if total is None else total.add_(logits)
+    finally:
+        predictor.network, predictor.use_mirroring = network, use_mirroring
+        torch.set_num_threads(threads)
+    return total.div_(len(predictor.list_of_parameters) * len(members))
+
+
+@_seam("mirroring", "_internal_maybe_mirror_and_predict adds torch.flip(network(torch.flip(x, axes)), axes) for "
+                    "each combination of the allowed axes (+2 for batch and channel) to the plain prediction")
+def _check_mirroring() -> None:
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    source = _source(nnUNetPredictor._internal_maybe_mirror_and_predict)
+    for expected in ("self.allowed_mirroring_axes if self.use_mirroring else None", "prediction = self.network(x)",
+                     "mirror_axes = [m + 2 for m in mirror_axes]", "itertools.combinations(mirror_axes, i + 1)",
+                     "prediction += torch.flip(self.network(torch.flip(x, axes)), axes)"):
+        _require("mirroring", expected in source, f"_internal_maybe_mirror_and_predict no longer contains `{expected}`")
+
+
+def resampled_logits(logits: torch.Tensor, properties: dict, plans_manager: PlansManager,
+                     configuration_manager) -> torch.Tensor:
+    """Logits resampled from the network's geometry to the image's (inside the crop box, axes as nnU-Net's
+    preprocessing transposed them), exactly as nnU-Net's export resamples the ensemble's logits."""
+    spacing = [layout.spacing(properties)[axis] for axis in plans_manager.transpose_forward]
+    shape = properties[layout.SHAPE_AFTER_CROPPING]
+    network_spacing = configuration_manager.spacing if len(configuration_manager.spacing) == len(shape) else \
+        [spacing[0], *configuration_manager.spacing]
+    return torch.as_tensor(configuration_manager.resampling_fn_probabilities(logits, shape, network_spacing, spacing))
+
+
+def probabilities(logits: torch.Tensor, plans_manager: PlansManager, dataset_json: dict) -> torch.Tensor:
+    """nnU-Net's probabilities of logits (its label manager's softmax, in float32), as --save_probabilities
+    writes them."""
+    return plans_manager.get_label_manager(dataset_json).apply_inference_nonlin(logits)
+
+
+def keeps_image_geometry(configuration_manager) -> bool:
+    """Whether the export leaves logits that already have the image's shape (crop box) unchanged: nnU-Net's default
+    resampling does (then logits in the image's geometry can go through nnU-Net's export as they are)."""
+    return configuration_manager.configuration["resampling_fn_probabilities"] == "resample_data_or_seg_to_shape"
+
+
+@_seam("export_resampling", "the export resamples the logits with configuration_manager.resampling_fn_probabilities "
+                            "to shape_after_cropping_and_before_resampling, from the network's spacing to the image's "
+                            "(transposed), then applies the label manager's softmax; the default resampling leaves an "
+                            "array of the target shape unchanged")
+def _check_export_resampling() -> None:
+    from nnunetv2.preprocessing.resampling import default_resampling
+
+    source = _source(_export_module.convert_predicted_logits_to_segmentation_with_correct_shape)
+    for expected in ("spacing_transposed = [properties_dict['spacing'][i] for i in plans_manager.transpose_forward]",
+                     "[spacing_transposed[0], *configuration_manager.spacing]",
+                     "configuration_manager.resampling_fn_probabilities(predicted_logits,\n"
+                     "                                            properties_dict['shape_after_cropping_and_before_"
+                     "resampling'],",
+                     "label_manager.apply_inference_nonlin(predicted_logits)"):
+        _require("export_resampling", expected in source, f"the export no longer contains `{expected}`")
+    _require("export_resampling", "if np.any(shape != new_shape):" in _source(default_resampling.resample_data_or_seg),
+             "resample_data_or_seg may now change arrays that already have the target shape")
+    _require("export_resampling", "logits = logits.float()" in _source(LabelManager.apply_inference_nonlin),
+             "apply_inference_nonlin no longer computes in float32")
+
+
+def to_image_geometry(array: np.ndarray, properties: dict, plans_manager: PlansManager) -> np.ndarray:
+    """A map of the crop box (axes transposed as nnU-Net's preprocessing) placed into the full image, zero outside
+    the crop box, and transposed back: as nnU-Net's export does with the segmentation."""
+    full = np.zeros(properties[layout.SHAPE_BEFORE_CROPPING], dtype=array.dtype)
+    full = _export_module.insert_crop_into_image(full, array, properties[layout.CROP_BOX])
+    return full.transpose(plans_manager.transpose_backward)
+
+
+@_seam("export_geometry", "the export puts the crop box's segmentation into zeros of shape_before_cropping with "
+                          "insert_crop_into_image(..., bbox_used_for_cropping), transposes it by transpose_backward "
+                          "and writes it with the plans' reader-writer")
+def _check_export_geometry() -> None:
+    source = _source(_export_module.convert_predicted_logits_to_segmentation_with_correct_shape)
+    for expected in ("np.zeros(properties_dict['shape_before_cropping']",
+                     "insert_crop_into_image(segmentation_reverted_cropping, segmentation, "
+                     "properties_dict['bbox_used_for_cropping'])",
+                     "segmentation_reverted_cropping.transpose(plans_manager.transpose_backward)"):
+        _require("export_geometry", expected in source, f"the export no longer contains `{expected}`")
+    _require("export_geometry", "rw = plans_manager.image_reader_writer_class()" in _source(
+        _export_module.export_prediction_from_logits), "the export no longer writes with the plans' reader-writer")
+
+
+def read_images(files: list[str], plans_manager: PlansManager) -> np.ndarray:
+    """A case's images (C, *spatial) as the dataset's reader-writer reads them (the segmentation's array layout)."""
+    return plans_manager.image_reader_writer_class().read_images(files)[0]
+
+
+# nnU-Net's reader-writers whose write_seg converts with `.astype` only and whose formats hold float32
+FLOAT_WRITERS = ("SimpleITKIO", "SimpleITKIOWithReorient", "NibabelIO", "NibabelIOWithReorient", "Tiff3DIO")
+
+
+class _FloatMap(np.ndarray):
+    """An array whose astype keeps float32 (nnU-Net's segmentation writers cast with astype to integers)."""
+
+    def astype(self, dtype, *args, **kwargs):
+        return np.asarray(self, dtype=np.float32)
+
+
+def float_map_ending(plans_manager: PlansManager, dataset_json: dict) -> str:
+    """The file ending of float maps: the dataset's own where its reader-writer stores float32, else .npz."""
+    return dataset_json["file_ending"] if plans_manager.plans["image_reader_writer"] in FLOAT_WRITERS else ".npz"
+
+
+def write_float_map(array: np.ndarray, path: str | Path, properties: dict, plans_manager: PlansManager) -> None:
+    """Write a map (*spatial, the segmentation's array layout) as float32 with the dataset's reader-writer: the same
+    geometry (spacing, origin, direction) and file format as nnU-Net's segmentation (see `float_map_ending`)."""
+    writer = plans_manager.image_reader_writer_class()
+    writer.write_seg(np.ascontiguousarray(array, dtype=np.float32).view(_FloatMap), str(path), properties)
+
+
+@_seam("float_maps", "the float-capable reader-writers' write_seg(seg, file, properties) convert the array with "
+                     "seg.astype(...) only")
+def _check_float_maps() -> None:
+    from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
+
+    for name in FLOAT_WRITERS:
+        source = _source(recursive_find_reader_writer_by_name(name).write_seg)
+        _require("float_maps", ".astype(" in source and "np.array(" not in source and "np.asarray(" not in source,
+                 f"{name}.write_seg no longer converts the array with astype alone")
+
+
+def write_prediction_metadata(plans_manager: PlansManager, dataset_json: dict, output_folder: Path) -> None:
+    """dataset.json and plans.json into a prediction folder, as nnUNetv2_predict writes them (nnU-Net's
+    postprocessing and ensembling, and `nnunet-margin calibration`, read them there)."""
+    from .._atomic import write_json_atomic
+
+    write_json_atomic(output_folder / layout.DATASET_FILE, dataset_json)
+    write_json_atomic(output_folder / layout.PLANS_FILE, plans_manager.plans)
+
+
+@_seam("prediction_metadata", f"nnUNetv2_predict writes {layout.DATASET_FILE} and {layout.PLANS_FILE} into its output "
+                              "folder")
+def _check_prediction_metadata() -> None:
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    source = _source(nnUNetPredictor.predict_from_files)
+    for name in (layout.DATASET_FILE, layout.PLANS_FILE):
+        _require("prediction_metadata", f"join(output_folder, '{name}')" in source,
+                 f"predict_from_files no longer writes {name}")
 
 
 def check_all() -> dict[str, str | None]:

@@ -4,12 +4,11 @@ nnU-Net rebuilds a model's network with the trainer class named in its checkpoin
 trainer needs the plugin at inference. The plugin's trainers change the loss and the validation, never the network,
 so the copy names nnU-Net's base trainer `nnUNetTrainer` instead, after checking that this is safe: the trainer must
 not override `build_network_architecture`, and the weights must load into nnU-Net's own network built from the
-plans. With `temperature=True`, each fold's fitted temperature (fold_X/temperature.json, see
-`nnunet_margin.nnunet.temperature`) is folded into the final segmentation layer: its weight and bias are divided by
-T, so the network outputs logits / T and nnU-Net's probabilities become softmax(logits / T). With `calibration=True`,
-each fold's map from fit-calibration (fold_X/calibration_map.json: A z + b, see `nnunet_margin.nnunet.posthoc`) is
-folded in the same way: the final 1x1(x1) convolution z = V f + c becomes V' = A V, c' = A c + b
-(docs/methods.md 6), so nnU-Net's fold ensemble averages calibrated logits.
+plans. With `calibration=True`, each fold's map from fit-calibration (fold_X/calibration_map.json: A z + b, see
+`nnunet_margin.nnunet.posthoc.maps`) is folded into the final segmentation layer: the final 1x1(x1) convolution
+z = V f + c becomes V' = A V, c' = A c + b (docs/methods.md 6), so nnU-Net's fold ensemble averages calibrated
+logits; a map shared by the folds (fitted `pooled`) makes the ensemble exactly softmax(A mean_f(z_f) + b). With
+`temperature=True` (deprecated), each fold's temperature.json from fit-temperature is folded in as A = I / T.
 
 Output convention: OUT is an nnUNet_results-style root. The copy goes to OUT/DATASET/NAME__PLANS__CONFIGURATION
 with NAME = nnUNetTrainer unless chosen (`name`), so with nnUNet_results=OUT the usual commands work:
@@ -47,11 +46,10 @@ import numpy as np
 import torch
 
 from ..calibration.affine import AffineCalibration, fold_affine_calibration
-from . import _seams
-from .posthoc import read_calibration_map
-from . import layout
+from . import _seams, layout
 from .layout import BEST_CHECKPOINT, FINAL_CHECKPOINT, PathLike, TrainedModel
-from .temperature import BOUND_MEANINGS, TEMPERATURE_FILE, bound_side
+from .posthoc.legacy_temperature import temperatures_for_export
+from .posthoc.maps import calibrations_for_export
 
 BASE_TRAINER = "nnUNetTrainer"
 EXPORT_INFO_FILE = "export_info.json"
@@ -118,12 +116,6 @@ class PlainNetwork:
         return folded
 
 
-def temperature_calibration(temperature: float, num_classes: int) -> AffineCalibration:
-    """softmax(z / T) as an affine map: A = I / T, b = 0."""
-    return AffineCalibration(torch.eye(num_classes, dtype=torch.float64) / temperature,
-                             torch.zeros(num_classes, dtype=torch.float64), "temperature", {"temperature": temperature})
-
-
 @functools.cache
 def check_trainer_keeps_network(trainer_name: str) -> None:
     """Refuse a trainer that nnU-Net cannot find, or one that overrides build_network_architecture."""
@@ -138,28 +130,6 @@ def check_trainer_keeps_network(trainer_name: str) -> None:
         raise ValueError(f"{trainer_name} builds its own network ({owner.__module__}.{owner.__name__} overrides "
                          f"build_network_architecture), so plain nnU-Net's {BASE_TRAINER} may not rebuild it: a "
                          f"portable copy is only valid for trainers that keep nnU-Net's network")
-
-
-def _read_temperature(fold_folder: Path, allow_bound: bool) -> tuple[float, str | None]:
-    """The fold's fitted temperature and the bound it lies at (None inside); refuses a bound unless allowed."""
-    path = fold_folder / TEMPERATURE_FILE
-    fit_command = (f"nnunet-margin fit-temperature {fold_folder.parent} -f {layout.fold_of(fold_folder)}")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run {fit_command} first (or export without --temperature)")
-    try:
-        record = json.loads(path.read_text())
-        temperature = float(record["temperature"])
-        if not (np.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature {temperature} is not a finite number > 0")
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path} is not a valid temperature record ({type(error).__name__}: {error}): it is corrupt "
-                         f"or truncated; refit with {fit_command}") from None
-    side = record.get("at_bound", bound_side(temperature))
-    if side is not None and not allow_bound:
-        raise ValueError(f"{path}: T = {temperature:g} is the {side} bound of fit-temperature's search, not a fit "
-                         f"({BOUND_MEANINGS[side]}): check the model and its validation probabilities, or pass "
-                         f"--allow-bound to fold it in anyway")
-    return temperature, side
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:
@@ -327,12 +297,13 @@ def export_portable(model_folder: PathLike, out_folder: PathLike, temperature: b
 
     Copies plans.json, dataset.json, dataset_fingerprint.json and per fold checkpoint_final.pth, checkpoint_best.pth,
     progress.png and validation/summary.json (those present), and records the source in export_info.json. With
-    `temperature`, checkpoint_best.pth is left out, since the temperature was fitted to checkpoint_final.pth's
-    validation predictions, and a temperature at a bound of fit-temperature's search is refused unless
-    `allow_bound`. With `calibration`, each fold's map from `nnunet-margin fit-calibration` (calibration_map.json)
-    is folded in instead, likewise into checkpoint_final.pth only. Folds default to every fold_X with
-    checkpoint_final.pth. `overwrite` replaces an earlier export of the same source (entirely: nothing of it is
-    kept).
+    `calibration`, each fold's map from `nnunet-margin fit-calibration` (calibration_map.json) is folded into
+    checkpoint_final.pth, and checkpoint_best.pth is left out, since the map was fitted for checkpoint_final.pth;
+    maps of another checkpoint, of different scopes, or shared by other folds than the exported ones are refused
+    (`posthoc.maps.calibrations_for_export`), and export_info.json records the scope. `temperature` (deprecated)
+    folds in each fold's temperature.json from fit-temperature instead, with the same checks. A temperature at a
+    bound of its search is refused unless `allow_bound`. Folds default to every fold_X with checkpoint_final.pth.
+    `overwrite` replaces an earlier export of the same source (entirely: nothing of it is kept).
     """
     if temperature and calibration:
         raise ValueError("pass --temperature or --calibration, not both: one map is folded into the network (a "
@@ -343,17 +314,13 @@ def export_portable(model_folder: PathLike, out_folder: PathLike, temperature: b
     destination = out / model.dataset_name / layout.model_folder_name(name, model.plans, model.configuration)
     _check_locations(model, out, destination, overwrite)
     fold_folders = model.fold_folders(folds)
-    records = {fold.name: _read_temperature(fold, allow_bound) for fold in fold_folders} if temperature else {}
-    info: dict[str, Any] = {"temperatures_folded_in": {fold: value for fold, (value, _) in records.items()}}
     network = PlainNetwork.build(model)
-    calibrations = {fold: temperature_calibration(value, network.num_classes) for fold, (value, _) in records.items()}
-    bounds_allowed = {fold: side for fold, (_, side) in records.items() if side is not None}
-    if bounds_allowed:
-        info["temperatures_at_bound"] = bounds_allowed
-    if calibration:
-        calibrations = {fold.name: read_calibration_map(fold) for fold in fold_folders}
-        info["calibrations_folded_in"] = {fold: {"method": map_.method, "weight": map_.weight.tolist(),
-                                                 "bias": map_.bias.tolist()} for fold, map_ in calibrations.items()}
+    calibrations: dict[str, AffineCalibration] = {}
+    info: dict[str, Any] = {"temperatures_folded_in": {}}
+    if temperature or calibration:
+        read = temperatures_for_export if temperature else calibrations_for_export
+        calibrations, folded = read(model, fold_folders, network.num_classes, allow_bound)
+        info.update(folded)
 
     created = [folder for folder in (destination.parent, out) if not folder.exists()]
     staging = _sibling(destination, "partial")

@@ -121,7 +121,7 @@ class _Builder:
     def __init__(self, benchmark: Benchmark):
         # the file names the commands write (their modules import torch, which a step's process does not need)
         from ..calibration_report import REPORT_FILE
-        from ..temperature import TEMPERATURE_FILE
+        from ..posthoc.legacy_temperature import TEMPERATURE_FILE
 
         self.benchmark = benchmark
         self.settings = benchmark.settings

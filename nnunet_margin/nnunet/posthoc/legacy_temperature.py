@@ -1,10 +1,13 @@
-"""Post-hoc temperature scaling of a trained nnU-Net model: one temperature per fold, from its cross-validation.
+"""`nnunet-margin fit-temperature` and `export-portable --temperature`: deprecated aliases, kept for one release.
 
-`fit_model_temperatures` fits T (see `nnunet_margin.calibration.temperature`) on the probabilities nnU-Net wrote for
-the fold's validation cases (fold_X/validation/CASE.npz + CASE.pkl, from `--npz`) against
-$nnUNet_preprocessed/DATASET/gt_segmentations, and writes fold_X/temperature.json with T and the calibration
-metrics before and after. It works for any trainer, nnU-Net's own included. `nnunet-margin export-portable
---temperature` then folds T into the network.
+Use `fit-calibration --method temperature` (the logit sample, any trainer) and `export-portable --calibration`
+instead. `fit_model_temperatures` reads the probabilities nnU-Net wrote for the fold's validation cases
+(fold_X/validation/CASE.npz + CASE.pkl, from `--npz`) against $nnUNet_preprocessed/DATASET/gt_segmentations as
+log-probabilities into a `LogitSample`, fits them with the one temperature solver of `fit-calibration` (log p
+differs from the logits by a constant per voxel, so on the same voxels both give the same T; docs/methods.md 6), and
+writes fold_X/temperature.json with T, the checkpoint it belongs to and the calibration metrics before and after.
+It works for any trainer, nnU-Net's own included. `temperatures_for_export` reads temperature.json files, those
+written before they named their checkpoint too.
 
 Only probabilities of the fold's current checkpoint_final.pth from a finished validation are used (see
 `nnunet_margin.nnunet.provenance`). A temperature at a bound of the search (`TEMPERATURE_BOUNDS`) is no fit: the NLL
@@ -18,6 +21,7 @@ import json
 import math
 import multiprocessing
 import os
+import shlex
 import subprocess
 import sys
 import warnings
@@ -30,24 +34,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._atomic import write_json_atomic
-from ..calibration import CalibrationStats, TemperatureFit, apply_temperature
-from . import layout
-from .case_evaluation import SCOPES, scope_masks
-from .layout import FINAL_CHECKPOINT, PathLike, TrainedModel
-from .prediction_folder import DatasetInfo, load_case_files, load_dataset_info
-from .provenance import check_validation_current, record_validation
+from ...calibration import CalibrationStats
+from ...calibration.affine import TEMPERATURE_BOUNDS, AffineCalibration, fit_affine_calibration
+from ...calibration.logit_sample import LogitSample, log_probabilities
+from .. import layout
+from ..case_evaluation import SCOPES, scope_masks
+from ..layout import FINAL_CHECKPOINT, PathLike, TrainedModel, fold_of
+from ..prediction_folder import DatasetInfo, load_case_files, load_dataset_info
+from ..provenance import check_validation_current, file_sha256, record_validation
+from .maps import BOUND_MEANINGS, FitScope, check_bound, check_checkpoints_current, write_fit_record
 
 TEMPERATURE_FILE = "temperature.json"
 _REPORTED_METRICS = {"ece": "ECE", "classwise_ece": "classwise ECE", "nll": "NLL", "brier": "Brier"}
-TEMPERATURE_BOUNDS = (1e-2, 1e2)  # the search interval of the fit
-# What a temperature at each bound means (the NLL still falls beyond it).
-BOUND_MEANINGS = {
-    "upper": "the NLL kept falling as T grew, so flattening the probabilities towards uniform helps: the model is "
-             "worse than uniform on these voxels",
-    "lower": "the NLL kept falling as T shrank, so the probabilities are degenerate for a fit: (nearly) every "
-             "voxel's most likely class is right, and sharpening them towards 0 and 1 keeps helping",
-}
+FIT_TEMPERATURE_DEPRECATION = (
+    "fit-temperature is deprecated and will be removed in the next release: use `nnunet-margin fit-calibration "
+    "MODEL_FOLDER --method temperature` (fitted on the logit sample, for any trainer) and `export-portable "
+    "--calibration`")
+EXPORT_TEMPERATURE_DEPRECATION = (
+    "export-portable --temperature is deprecated and will be removed in the next release: fit with `nnunet-margin "
+    "fit-calibration MODEL_FOLDER --method temperature` and export with --calibration")
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,7 @@ def _console_script(name: str) -> str:
 
 def refresh_command(model: TrainedModel, fold_folder: Path) -> list[str]:
     """The nnU-Net command that (re)writes a fold's validation probabilities."""
-    return ["nnUNetv2_train", model.dataset_name, model.configuration, layout.fold_of(fold_folder), "-tr",
+    return ["nnUNetv2_train", model.dataset_name, model.configuration, fold_of(fold_folder), "-tr",
             model.trainer, "-p", model.plans, "--val", "--npz"]
 
 
@@ -158,32 +163,31 @@ def bound_warning(fold: str, record: dict[str, Any]) -> str | None:
 def _fit_fold(fold_folder: Path, cases: list[_Case], read_cases: Callable[[list[_Case]], Iterable],
               num_classes: int, scope: str) -> dict[str, Any]:
     """Fit the fold's temperature, measure calibration before and after, write temperature.json; returns it."""
-    fit, before, after = TemperatureFit(), CalibrationStats(num_classes), CalibrationStats(num_classes)
+    sample, before, after = LogitSample(), CalibrationStats(num_classes), CalibrationStats(num_classes)
     for probabilities, labels in read_cases(cases):
-        fit.update(probabilities, labels)
+        sample.update_probabilities(probabilities, labels)
         before.update(probabilities, labels)
+    if sample.num_voxels == 0:
+        raise ValueError(f"the validation cases of {fold_folder.name} hold no {scope} voxel to fit a temperature to")
+    voxels = sample.voxels()
     with warnings.catch_warnings():  # a temperature at a bound is recorded and explained by bound_warning
         warnings.filterwarnings("ignore", message="the NLL keeps decreasing towards the bound", category=UserWarning)
-        temperature = fit.fit(TEMPERATURE_BOUNDS)
+        calibration = fit_affine_calibration(voxels.logits, voxels.labels, "temperature")
     for probabilities, labels in read_cases(cases):
-        after.update(apply_temperature(probabilities, temperature), labels)
+        after.update(torch.softmax(calibration.apply(log_probabilities(probabilities)), dim=0), labels)
     record = {
-        "temperature": temperature,
-        "at_bound": bound_side(temperature),
+        "temperature": calibration.info["temperature"],
+        "at_bound": calibration.info["at_bound"],
         "scope": scope,
         "num_cases": len(cases),
-        "num_voxels": fit.num_voxels,
-        "num_voxels_fitted": fit.num_sampled,
+        "num_voxels": sample.num_voxels,
+        "num_voxels_fitted": sample.num_sampled,
         "class_names": cases[0].info.class_names,
+        "checkpoint_sha256": file_sha256(fold_folder / FINAL_CHECKPOINT),
         "before": before.compute(),
         "after": after.compute(),
     }
-    path = fold_folder / TEMPERATURE_FILE
-    try:
-        write_json_atomic(path, record)
-    except OSError as error:
-        raise OSError(f"cannot write {path} ({error.strerror or error}): fit-temperature records T in the model "
-                      f"folder, so it must be writable (or fit a copy of the model folder)") from None
+    write_fit_record(fold_folder / TEMPERATURE_FILE, record, "fit-temperature")
     return record
 
 
@@ -238,3 +242,52 @@ def temperature_table(records: dict[str, dict[str, Any]]) -> str:
         cells += [_before_after(record["before"][name], record["after"][name]) for name in _REPORTED_METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _read_temperature(model: TrainedModel, fold_folder: Path, num_classes: int, allow_bound: bool
+                      ) -> tuple[AffineCalibration, str]:
+    """The fold's temperature.json as a map A = I / T, and the SHA-256 of the checkpoint it belongs to; refused if
+    missing, corrupt, fitted for another checkpoint, or at a bound (unless allowed)."""
+    path = fold_folder / TEMPERATURE_FILE
+    checkpoint = fold_folder / FINAL_CHECKPOINT
+    fit_command = shlex.join(["nnunet-margin", "fit-temperature", str(model.folder), "-f", fold_of(fold_folder)])
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run {fit_command} first (or export without --temperature)")
+    try:
+        record = json.loads(path.read_text())
+        temperature = float(record["temperature"])
+        if not (np.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature {temperature} is not a finite number > 0")
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a valid temperature record ({type(error).__name__}: {error}): it is corrupt "
+                         f"or truncated; refit with {fit_command}") from None
+    if "checkpoint_sha256" in record:
+        sha256 = check_checkpoints_current(model, FitScope("fold", {fold_folder.name: record["checkpoint_sha256"]}),
+                                           path, fit_command)[fold_folder.name]
+    elif path.stat().st_mtime_ns < checkpoint.stat().st_mtime_ns:
+        raise ValueError(f"{path} names no checkpoint (written by nnunet-margin 0.1.0) and is older than "
+                         f"{FINAL_CHECKPOINT}: it was fitted for an earlier model of the fold; refit with "
+                         f"{fit_command}")
+    else:
+        sha256 = file_sha256(checkpoint)
+    calibration = AffineCalibration.from_temperature(temperature, num_classes,
+                                                     {"at_bound": record.get("at_bound", bound_side(temperature))})
+    check_bound(calibration, allow_bound, path, "validation probabilities")
+    return calibration, sha256
+
+
+def temperatures_for_export(model: TrainedModel, fold_folders: list[Path], num_classes: int, allow_bound: bool
+                            ) -> tuple[dict[str, AffineCalibration], dict[str, Any]]:
+    """Each exported fold's temperature as a map, and what export_info.json records of them."""
+    read = {fold_folder.name: _read_temperature(model, fold_folder, num_classes, allow_bound)
+            for fold_folder in fold_folders}
+    calibrations = {fold: calibration for fold, (calibration, _) in read.items()}
+    info: dict[str, Any] = {
+        "temperatures_folded_in": {fold: calibration.info["temperature"] for fold, calibration in calibrations.items()},
+        "calibration_fit_on": "fold",
+        "calibration_checkpoints": {fold: sha256 for fold, (_, sha256) in read.items()}}
+    at_bound = {fold: calibration.info["at_bound"] for fold, calibration in calibrations.items()
+                if calibration.info["at_bound"] is not None}
+    if at_bound:
+        info["temperatures_at_bound"] = at_bound
+    return calibrations, info
