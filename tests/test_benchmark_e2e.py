@@ -1,11 +1,12 @@
 """`nnunet-margin benchmark` end to end on the generated dataset: the cases of issue 16 (items 1-6, 8, 10), each
 reproduced and now getting the correct result or a clear error.
 
-The trainings are the cost, so every scenario reuses those of one benchmark run: a plugin trainer and nnU-Net's own
+The trainings are the cost, so every scenario reuses those of one benchmark run: nnU-Net's own trainer and a plugin
 trainer, fold 0, killed with SIGKILL during its first training (no process of it may survive) while a second runner
-is refused, then resumed to completion. A second benchmark of nnU-Net's trainer with a test set shares its
-training; a `cp -a` copy of the results tree then gets a retrained model. Dry runs, refusals and argument checks call
-the command in this process (`cli.main`), the runs that train and predict are the real commands as subprocesses.
+is refused, then resumed to completion. A second benchmark of the plugin trainer with a test set shares its training;
+a `cp -a` copy of the results tree then gets a retrained model. The killed run is the real `nnunet-margin` process;
+the other runs, dry runs, refusals and argument checks call the command in this process (`cli.main`), and every
+step of a run is its own process running nnU-Net's or this package's command.
 """
 
 from __future__ import annotations
@@ -166,8 +167,7 @@ def first_benchmark(setup) -> dict:
     survivors = _marked_processes(folder) + [pid for pid in tree if alive(pid)]
     report_after_kill = (folder / "report" / "report.md").exists()
 
-    resumed = subprocess.run([str(BIN / "nnunet-margin"), *arguments], env={**env, "nnUNet_n_proc_DA": "0"},
-                             capture_output=True, text=True, timeout=1500)
+    resumed = setup.run(*arguments)
     again = setup.run(*arguments)
     return {"folder": folder, "dry_run": dry_run, "second": second, "tree": tree, "killed": first.pid,
             "survivors": survivors, "report_after_kill": report_after_kill, "resumed": resumed, "again": again}
@@ -189,17 +189,17 @@ def test_sigkill_of_the_runner_leaves_no_process_and_no_report(first_benchmark):
 
 
 def test_the_resumed_benchmark_runs_what_the_dry_run_listed_once_and_reports(first_benchmark):
-    folder, resumed = first_benchmark["folder"], first_benchmark["resumed"]
-    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-3000:]
-    assert "[1/" in resumed.stdout and "done" in resumed.stdout
+    folder, (code, resumed, err) = first_benchmark["folder"], first_benchmark["resumed"]
+    assert code == 0, resumed[-4000:] + err[-3000:]
+    assert "[1/" in resumed and "done" in resumed
     planned = [command for _, _, command in planned_steps(first_benchmark["dry_run"])]
     assert f"nnUNetv2_train {DATASET_NAME} 3d_fullres 0 -tr nnUNetTrainer_demo -p nnUNetPlans --c -device cpu --npz" \
         == planned[0]  # nnU-Net's own trainer exports its validation probabilities
     assert planned[1].startswith(f"nnUNetv2_train {DATASET_NAME} 3d_fullres 0 -tr nnUNetTrainerMbLS_demo")
     executed = list(dict.fromkeys((folder / "commands.log").read_text().splitlines()))  # rerun steps once
     assert executed == planned
-    assert f"{NNUNET}/fold_0/train: done" in resumed.stdout  # the killed training is redone
-    assert f"note: the run of pid {first_benchmark['killed']} on host" in resumed.stdout  # its lock is taken over
+    assert f"{NNUNET}/fold_0/train: done" in resumed  # the killed training is redone
+    assert f"note: the run of pid {first_benchmark['killed']} on host" in resumed  # its lock is taken over
 
     for name in ("report/report.md", "report/table.csv", "report/table.tex", "report/compare.png", "benchmark.json"):
         assert (folder / name).stat().st_size > 0, name
@@ -228,12 +228,13 @@ def _files(folder: Path) -> dict[str, tuple[int, int]]:
 
 @pytest.fixture(scope="module")
 def second_benchmark(setup, first_benchmark) -> dict:
-    """nnU-Net's trainer alone, fold 0, with the test set, in the same results: its training is the first benchmark's,
-    and its model folder has a fold_1 too (a copy of fold_0: a trained fold the benchmark did not ask for)."""
-    model = setup.results / DATASET_NAME / "nnUNetTrainer_demo__nnUNetPlans__3d_fullres"
+    """The plugin trainer alone, fold 0, with the test set, in the same results: its training is the first
+    benchmark's, and its model folder has a fold_1 too (a copy of fold_0: a trained fold the benchmark did not ask
+    for)."""
+    model = setup.results / DATASET_NAME / f"{PLUGIN}__nnUNetPlans__3d_fullres"
     subprocess.run(["cp", "-a", str(model / "fold_0"), str(model / "fold_1")], check=True)
     first_files = _files(first_benchmark["folder"])
-    code, out, err = setup.run(*setup.arguments("nnUNetTrainer_demo", test_set=True))
+    code, out, err = setup.run(*setup.arguments(PLUGIN, test_set=True))
     assert code == 0, out[-3000:] + err[-3000:]
     return {"folder": setup.folder(out), "out": out, "first_files": first_files}
 
@@ -245,9 +246,9 @@ def test_a_second_benchmark_with_other_trainers_keeps_the_first(first_benchmark,
     assert _files(first_benchmark["folder"]) == second_benchmark["first_files"]
     assert "4 of 5 step(s) to run" in second_benchmark["out"] and "/train: running" not in second_benchmark["out"]
     rows = list(csv.DictReader(io.StringIO((folder / "report" / "table.csv").read_text())))
-    assert [row["method"] for row in rows] == ["nnUNetTrainer_demo"]
+    assert [row["method"] for row in rows] == [PLUGIN]
     test_rows = list(csv.DictReader(io.StringIO((folder / "report/repeat_1/test/table.csv").read_text())))
-    assert [row["method"] for row in test_rows] == ["nnUNetTrainer_demo"] and test_rows[0]["dice_n"] == "2"
+    assert [row["method"] for row in test_rows] == [PLUGIN] and test_rows[0]["dice_n"] == "2"
 
 
 def test_the_cross_validation_holds_only_the_folds_asked_for(setup, second_benchmark):
@@ -261,28 +262,28 @@ def test_the_cross_validation_holds_only_the_folds_asked_for(setup, second_bench
 
 def test_grown_folds_are_a_new_benchmark_that_predicts_with_every_fold(setup, second_benchmark):
     """Issue 16.3 (grown folds): `-f 0 1` reused the fold-0 export and predictions."""
-    code, out, err = setup.run(*setup.arguments("nnUNetTrainer_demo", folds=("0", "1"), test_set=True), "--dry-run")
+    code, out, err = setup.run(*setup.arguments(PLUGIN, folds=("0", "1"), test_set=True), "--dry-run")
     assert code == 0, err
     assert setup.folder(out) != second_benchmark["folder"]
     commands = dict((step, command) for step, _, command in planned_steps(out))
-    assert " -f 0 1 --save_probabilities" in commands["repeat_1/nnUNetTrainer_demo/predict"]
-    assert {"repeat_1/nnUNetTrainer_demo/fold_1/cross-validation", "repeat_1/nnUNetTrainer_demo/test-evaluation",
+    assert " -f 0 1 --save_probabilities" in commands[f"repeat_1/{PLUGIN}/predict"]
+    assert {f"repeat_1/{PLUGIN}/fold_1/cross-validation", f"repeat_1/{PLUGIN}/test-evaluation",
             "report"} <= set(commands)
 
 
 def test_more_repeats_keep_the_first_repeat(setup, second_benchmark):
     """Issue 16.8: `--repeats 2` after a single run re-predicted repeat 1, whose test folder moved."""
-    code, out, err = setup.run(*setup.arguments("nnUNetTrainer_demo", test_set=True), "--repeats", "2", "--dry-run")
+    code, out, err = setup.run(*setup.arguments(PLUGIN, test_set=True), "--repeats", "2", "--dry-run")
     assert code == 0, err
     assert setup.folder(out) == second_benchmark["folder"]
     steps = [step for step, _, _ in planned_steps(out)]
-    assert steps == ["repeat_2/nnUNetTrainer_demo/fold_0/train", "repeat_2/nnUNetTrainer_demo/fold_0/cross-validation",
-                     "repeat_2/nnUNetTrainer_demo/predict", "repeat_2/nnUNetTrainer_demo/test-evaluation", "report"]
+    assert steps == [f"repeat_2/{PLUGIN}/fold_0/train", f"repeat_2/{PLUGIN}/fold_0/cross-validation",
+                     f"repeat_2/{PLUGIN}/predict", f"repeat_2/{PLUGIN}/test-evaluation", "report"]
 
 
 def test_a_changed_test_set_is_another_benchmark(setup, second_benchmark, tmp_path):
     """Issue 16.2: other or changed --test-labels and --test-images ran 0 steps and kept the old numbers."""
-    arguments = setup.arguments("nnUNetTrainer_demo", test_set=True)
+    arguments = setup.arguments(PLUGIN, test_set=True)
     label = sorted(setup.labels.iterdir())[0]
     original = tmp_path / label.name
     shutil.copy2(label, original)
@@ -291,7 +292,7 @@ def test_a_changed_test_set_is_another_benchmark(setup, second_benchmark, tmp_pa
         code, out, err = setup.run(*arguments, "--dry-run")
         assert code == 0, err
         assert setup.folder(out) != second_benchmark["folder"]
-        assert {"repeat_1/nnUNetTrainer_demo/predict", "repeat_1/nnUNetTrainer_demo/test-evaluation"} \
+        assert {f"repeat_1/{PLUGIN}/predict", f"repeat_1/{PLUGIN}/test-evaluation"} \
             <= {step for step, _, _ in planned_steps(out)}
         code, out, err = setup.run(*arguments, "--name", second_benchmark["folder"].name)
         assert code == 2 and f"test labels: {label.name} modified" in err and "pass another --name" in err
@@ -318,12 +319,12 @@ def copied_and_retrained(setup, second_benchmark) -> dict:
     weights changed, a newer checkpoint_final.pth) and the benchmark run again."""
     copy = setup.results.parent / "copied results"
     subprocess.run(["cp", "-a", str(setup.results), str(copy)], check=True)
-    arguments = setup.arguments("nnUNetTrainer_demo", test_set=True)
+    arguments = setup.arguments(PLUGIN, test_set=True)
     untouched = setup.run(*arguments, results=copy)
     folder = copy / second_benchmark["folder"].relative_to(setup.results)
-    predictions = folder / "repeat_1/test/nnUNetTrainer_demo/predictions"
+    predictions = folder / f"repeat_1/test/{PLUGIN}/predictions"
     before = _probabilities(predictions)
-    checkpoint_file = copy / DATASET_NAME / "nnUNetTrainer_demo__nnUNetPlans__3d_fullres/fold_0/checkpoint_final.pth"
+    checkpoint_file = copy / DATASET_NAME / f"{PLUGIN}__nnUNetPlans__3d_fullres/fold_0/checkpoint_final.pth"
     checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
     generator = torch.Generator().manual_seed(0)
     for weights in checkpoint["network_weights"].values():
@@ -349,13 +350,13 @@ def test_a_retrained_model_is_validated_and_predicted_again(copied_and_retrained
     assert "5 of 5 step(s) to run" in out
     folder = copied_and_retrained["folder"]
     commands = (folder / "commands.log").read_text().splitlines()
-    assert any(" --val -device cpu --npz" in command for command in commands)
+    assert any(command.endswith(" --val -device cpu") for command in commands)
     assert commands[-3].startswith("nnUNetv2_predict") and "--continue_prediction" not in commands[-3]
     before, after = copied_and_retrained["before"], copied_and_retrained["after"]
     assert before.keys() == after.keys() and len(after) == 2
     assert not all(np.allclose(before[name], after[name]) for name in after)
     assert not list(folder.rglob(".*.partial-*")) and not list(folder.rglob(".*.old-*"))
-    original = _probabilities(second_benchmark["folder"] / "repeat_1/test/nnUNetTrainer_demo/predictions")
+    original = _probabilities(second_benchmark["folder"] / f"repeat_1/test/{PLUGIN}/predictions")
     assert all(np.array_equal(original[name], before[name]) for name in before)  # the original tree is untouched
 
 
