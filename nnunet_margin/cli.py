@@ -359,9 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--test-images", default=None, metavar="DIR", help="held-out images (imagesTs layout)")
     sub.add_argument("--test-labels", default=None, metavar="DIR", help="their reference segmentations")
     sub.add_argument("--repeats", type=_positive_int, default=1,
-                     help="train everything N times (repeats 2.. into their own results roots) for the spread")
+                     help="train everything N times (repeats 2.. in results roots shared by the dataset's "
+                          "benchmarks) for the run-to-run spread")
     sub.add_argument("--gpus", nargs="+", default=[], metavar="GPU",
-                     help="run one job per listed GPU at a time (CUDA_VISIBLE_DEVICES)")
+                     help="run one step per listed GPU at a time (indices among the visible devices)")
     sub.add_argument("-device", "--device", default=None, choices=["cuda", "cpu"],
                      help="device for nnU-Net (default: cuda if available)")
     sub.add_argument("--name", default=None,
