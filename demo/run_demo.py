@@ -110,11 +110,12 @@ def benchmark(device: str) -> None:
     raw, env = prepare(device, num_test=3)
     run("nnunet-margin", "benchmark", DATASET_ID, "-c", "3d_fullres", "-tr", *BENCHMARK_TRAINERS, "-f", "0",
         "--baseline", "nnUNetTrainer_demo", "--post-hoc", "temperature", "--test-images", str(raw / "imagesTs"),
-        "--test-labels", str(raw / "labelsTs"), "-device", device,
+        "--test-labels", str(raw / "labelsTs"), "-device", device, "--name", "demo",
         env={**env, "nnUNet_n_proc_DA": "0", "NNUNET_MARGIN_DEMO_EPOCHS": os.environ.get(
             "NNUNET_MARGIN_DEMO_EPOCHS", "5"), "NNUNET_MARGIN_DEMO_ITERATIONS": os.environ.get(
             "NNUNET_MARGIN_DEMO_ITERATIONS", "10")}, show_all=True)
-    print(f"\nReport: {OUTPUT / 'nnUNet_results' / raw.name / 'calibration_benchmark__3d_fullres' / 'report.md'}")
+    report = OUTPUT / "nnUNet_results" / raw.name / "calibration_benchmarks" / "demo" / "report" / "report.md"
+    print(f"\nReport: {report}")
 
 
 def main() -> None:

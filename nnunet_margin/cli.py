@@ -181,8 +181,8 @@ def _benchmark_command(args: argparse.Namespace) -> int:
         plans=args.plans, baseline=args.baseline, post_hoc=args.post_hoc,
         test_images=Path(args.test_images) if args.test_images else None,
         test_labels=Path(args.test_labels) if args.test_labels else None, repeats=args.repeats, device=device,
-        gpus=args.gpus)
-    run_benchmark(settings, dry_run=args.dry_run)
+        gpus=args.gpus, name=args.name, random_split_folds=args.random_split_folds)
+    run_benchmark(settings, dry_run=args.dry_run, status=args.status)
     return 0
 
 
@@ -342,12 +342,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.set_defaults(func=_fit_calibration_command)
 
     sub = commands.add_parser("benchmark", help="train, validate, (post-hoc calibrate, test) and compare several "
-                                                "methods on the same folds; resumable; --dry-run lists the commands")
+                                                "methods on the same folds; resumable; --dry-run lists the steps in "
+                                                "order, --status shows them")
     sub.add_argument("dataset", help="dataset name or id")
     sub.add_argument("-c", "--configuration", required=True, help="nnU-Net configuration, e.g. 3d_fullres")
     sub.add_argument("-tr", "--trainers", nargs="+", required=True, metavar="TRAINER",
                      help="trainers to compare (plugin trainers and nnU-Net's own, e.g. nnUNetTrainer)")
-    sub.add_argument("-f", "--folds", nargs="+", default=["0", "1", "2", "3", "4"], help="folds (default 0-4)")
+    sub.add_argument("-f", "--folds", nargs="+", default=["0", "1", "2", "3", "4"],
+                     help="cross-validation folds (default 0-4; those of splits_final.json)")
+    sub.add_argument("--random-split-folds", dest="random_split_folds", action="store_true",
+                     help="allow folds beyond nnU-Net's split, which it trains on a random 80:20 split")
     sub.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     sub.add_argument("--baseline", default=None, metavar="TRAINER", help="trainer the others are tested against")
     sub.add_argument("--post-hoc", dest="post_hoc", nargs="+", default=[], choices=["temperature"],
@@ -355,12 +359,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--test-images", default=None, metavar="DIR", help="held-out images (imagesTs layout)")
     sub.add_argument("--test-labels", default=None, metavar="DIR", help="their reference segmentations")
     sub.add_argument("--repeats", type=_positive_int, default=1,
-                     help="train everything N times (repeats 2.. into their own results roots) for the spread")
+                     help="train everything N times (repeats 2.. in results roots shared by the dataset's "
+                          "benchmarks) for the run-to-run spread")
     sub.add_argument("--gpus", nargs="+", default=[], metavar="GPU",
-                     help="run one job per listed GPU at a time (CUDA_VISIBLE_DEVICES)")
+                     help="run one step per listed GPU at a time (indices among the visible devices)")
     sub.add_argument("-device", "--device", default=None, choices=["cuda", "cpu"],
                      help="device for nnU-Net (default: cuda if available)")
-    sub.add_argument("--dry-run", action="store_true", help="print the pending commands and stop")
+    sub.add_argument("--name", default=None,
+                     help="the benchmark's folder in $nnUNet_results/DATASET/calibration_benchmarks (default: derived "
+                          "from the settings, so other settings never reuse a benchmark's folder)")
+    mode = sub.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true",
+                      help="print the pending steps in order, each with the steps it waits for, and stop")
+    mode.add_argument("--status", action="store_true",
+                      help="print every step: done, running, failed (with its log) or pending, and stop")
     sub.set_defaults(func=_benchmark_command)
 
     sub = commands.add_parser("predict", help="nnU-Net's prediction of a folder (nnUNetv2_predict's arguments) plus "

@@ -184,6 +184,13 @@ def fold_cases(preprocessed_dataset_folder: Path, all_cases: list[str], fold: st
             [str(key) for index, key in enumerate(keys) if index not in set(chosen.tolist())])
 
 
+def cross_validation_fold_count(preprocessed_dataset_folder: Path) -> int:
+    """The folds of nnU-Net's cross-validation split: those of splits_final.json, else do_split's default 5 (it
+    trains any higher fold on a seeded random 80:20 split instead)."""
+    splits_file = Path(preprocessed_dataset_folder) / layout.SPLITS_FILE
+    return len(json.loads(splits_file.read_text())) if splits_file.is_file() else 5
+
+
 @_seam("split", "nnUNetTrainer.do_split uses splits_final.json, else a seeded 5-fold split, and a seeded random 80:20 "
                 "split for folds beyond the file")
 def _check_split() -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import zipfile
 import zlib
 from collections.abc import Iterable
@@ -99,6 +100,13 @@ def is_gt_segmentations_folder(folder: PathLike) -> bool:
 
 def plans_file(preprocessed_dataset_folder: PathLike, plans: str) -> Path:
     return Path(preprocessed_dataset_folder) / f"{plans}.json"
+
+
+def planned_plans(preprocessed_dataset_folder: PathLike) -> list[str]:
+    """The plans identifiers of a preprocessed dataset (every PLANS.json beside dataset.json)."""
+    others = {DATASET_FILE, FINGERPRINT_FILE, SPLITS_FILE}
+    return sorted(path.stem for path in Path(preprocessed_dataset_folder).glob("*.json")
+                  if path.name not in others and not path.name.startswith("nnunet_margin"))
 
 
 def preprocessed_segmentation_file(configuration_folder: Path, case: str) -> Path:
@@ -303,3 +311,22 @@ def read_properties(pkl_file: Path) -> dict[str, Any]:
         raise ValueError(f"{pkl_file} holds a {type(properties).__name__}, not nnU-Net's properties dict; "
                          f"{_REWRITE}")
     return properties
+
+
+# --- raw dataset folders (imagesTr / imagesTs, labelsTr / labelsTs) -------------------------------------------------
+
+def channel_count(dataset_json: dict) -> int:
+    """Input channels of a dataset (dataset.json's channel_names, or modality in older files)."""
+    return len(dataset_json.get("channel_names") or dataset_json.get("modality") or {})
+
+
+def raw_images(folder: Path, file_ending: str) -> dict[str, list[str]]:
+    """The cases of an imagesTr/imagesTs folder as nnU-Net names them, CASE_XXXX<file_ending> with XXXX the
+    channel: {case: [its file names, by channel]} (labels are CASE<file_ending>: `cases_with_suffix`)."""
+    pattern = re.compile(r"(.+)_(\d{4})" + re.escape(file_ending))
+    cases: dict[str, list[str]] = {}
+    for path in sorted(folder.iterdir()):
+        match = pattern.fullmatch(path.name)
+        if match:
+            cases.setdefault(match.group(1), []).append(path.name)
+    return cases

@@ -1,0 +1,132 @@
+"""`nnunet-margin benchmark`: check the settings, then run the pending steps (or print them, or their status)."""
+
+from __future__ import annotations
+
+import platform
+import time
+from importlib.metadata import version
+
+from ..._atomic import write_json_atomic
+from .plan import REPORT_FOLDER, SUMMARY_FILE, Plan, build_plan
+from .runners import LocalExecutor, remove_leftovers
+from .settings import IDENTITY_FILE, Benchmark, BenchmarkSettings, gpu_slots, identity_differences, resolve
+from .state import (LOCK_FILE, Lock, StepState, adopt_trainings, describe_holder, evaluate, failure_path, holder_info,
+                    lock_holder, read_json, step_lock_path)
+
+
+def run_benchmark(settings: BenchmarkSettings, dry_run: bool = False, status: bool = False) -> None:
+    """Run the benchmark's pending steps and write its report; with `dry_run` print them in order, with `status`
+    print every step's state. Nothing runs before every argument has been checked."""
+    benchmark = resolve(settings)
+    _check_identity(benchmark)
+    plan = build_plan(benchmark)
+    if dry_run or status:
+        states = evaluate(plan)
+        print(_status_table(benchmark, plan, states) if status else _dry_run(benchmark, plan, states), end="")
+        return
+    if not benchmark.folder.exists():
+        _note_other_benchmarks(benchmark)
+    benchmark.folder.mkdir(parents=True, exist_ok=True)
+    lock_file = benchmark.folder / LOCK_FILE
+    previous = read_json(lock_file)
+    lock = Lock.try_acquire(lock_file, holder_info(command="nnunet-margin benchmark"))
+    if lock is None:
+        raise RuntimeError(f"benchmark {benchmark.folder} is being run by "
+                           f"{describe_holder(lock_holder(lock_file) or {})}: one runner per benchmark; wait for it "
+                           f"(`--status` shows its steps) or stop it first")
+    if previous:
+        print(f"note: the run of pid {previous.get('pid', '?')} on host {previous.get('host', '?')} (since "
+              f"{previous.get('started', '?')}) ended without releasing the benchmark; its unfinished steps are "
+              f"redone", flush=True)
+    try:
+        _run_locked(benchmark, plan, lock)
+    finally:
+        lock.release()
+
+
+def _run_locked(benchmark: Benchmark, plan: Plan, lock: Lock) -> None:
+    settings = benchmark.settings
+    write_json_atomic(benchmark.folder / IDENTITY_FILE, {
+        "identity": benchmark.identity(), "name": benchmark.name,
+        "settings": {key: str(value) if key.startswith("test_") and value is not None else value
+                     for key, value in vars(settings).items()},
+        "versions": _versions(), "plugin_trainers": benchmark.plugin})
+    plan.save()
+    remove_leftovers(benchmark.folder)
+    states = evaluate(plan)
+    adopt_trainings(plan, states)
+    pending = sum(not state.done for state in states.values())
+    print(f"benchmark of {', '.join(settings.trainers)} on {benchmark.dataset_name} {settings.configuration}, folds "
+          f"{', '.join(settings.folds)}: {pending} of {len(plan.steps)} step(s) to run, results in {benchmark.folder}",
+          flush=True)
+    LocalExecutor(plan, gpu_slots(settings.gpus), lock).run()
+    report = benchmark.folder / REPORT_FOLDER
+    print((report / SUMMARY_FILE).read_text(), end="")
+    print(f"wrote {report / 'report.md'} (tables: table.csv, table.tex; figure: compare.png)")
+
+
+def _check_identity(benchmark: Benchmark) -> None:
+    """Refuse a folder that holds a benchmark of other settings."""
+    recorded = read_json(benchmark.folder / IDENTITY_FILE)
+    if recorded is not None and recorded.get("identity") != benchmark.identity():
+        differences = identity_differences(recorded.get("identity") or {}, benchmark.identity())
+        raise ValueError(f"benchmark {benchmark.folder} was run with other settings ({'; '.join(differences)}); it is "
+                         f"kept as it is: pass another --name, or none (the default name follows the settings)")
+
+
+def _note_other_benchmarks(benchmark: Benchmark) -> None:
+    """Say how a new benchmark differs from the others of its dataset and configuration."""
+    identity = benchmark.identity()
+    for other in sorted(benchmark.root.glob(f"*/{IDENTITY_FILE}")):
+        other_identity = (read_json(other) or {}).get("identity")
+        if other_identity and other_identity.get("configuration") == identity["configuration"]:
+            print(f"note: new benchmark {benchmark.name}; {other.parent.name} differs in "
+                  f"{'; '.join(identity_differences(other_identity, identity))}", flush=True)
+
+
+def _versions() -> dict[str, str]:
+    import torch
+
+    from ... import __version__
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return {"nnunet-margin": __version__, "nnunetv2": version("nnunetv2"), "torch": torch.__version__,
+            "python": platform.python_version(), "device": device}
+
+
+def _dry_run(benchmark: Benchmark, plan: Plan, states: dict[str, StepState]) -> str:
+    """The pending steps in an order that runs each after the steps it waits for, numbered, with the command each
+    runs now (steps that may run at once for a scheduler: those whose waits are done)."""
+    pending = [step for step in plan.steps if not states[step.id].done]
+    numbers = {step.id: index for index, step in enumerate(pending, 1)}
+    existing = "existing" if benchmark.folder.exists() else "new"
+    lines = [f"# benchmark {benchmark.folder} ({existing}): {len(pending)} of {len(plan.steps)} step(s) to run"]
+    for step in pending:
+        waits = [f"[{numbers[need]}]" for need in step.needs if need in numbers]
+        lines.append(f"[{numbers[step.id]}] {step.id}" + (f"  waits for {' '.join(waits)}" if waits else ""))
+        lines.append(f"    {step.display(plan.results, step.current_command())}")
+    return "\n".join(lines) + "\n"
+
+
+def _status_table(benchmark: Benchmark, plan: Plan, states: dict[str, StepState]) -> str:
+    """Every step: done, running (who holds its lock), failed (exit code and log) or pending (why)."""
+    rows, counts = [], {}
+    for step in plan.steps:
+        state, holder = states[step.id], lock_holder(step_lock_path(plan, step))
+        failure = read_json(failure_path(plan, step))
+        if state.done:
+            status, detail = "done", ""
+        elif holder is not None:
+            status, detail = "running", f"{describe_holder(holder)}, log {plan.log(step)}"
+        elif failure is not None:
+            status, detail = "failed", f"{failure.get('message', '')} ({failure.get('finished', '?')}), log " \
+                                       f"{failure.get('log', plan.log(step))}"
+        else:
+            status, detail = "pending", state.reason
+        counts[status] = counts.get(status, 0) + 1
+        rows.append(f"{status:8} {step.id}" + (f"  {detail}" if detail else ""))
+    runner = lock_holder(benchmark.folder / LOCK_FILE)
+    header = f"# benchmark {benchmark.folder}: " + ", ".join(f"{count} {status}" for status, count in counts.items())
+    if runner is not None:
+        header += f"; run by {describe_holder(runner)}"
+    return "\n".join([header, *rows]) + "\n"
