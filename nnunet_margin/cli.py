@@ -93,29 +93,37 @@ def _label_stats_command(args: argparse.Namespace) -> int:
 
 def _calibration_command(args: argparse.Namespace) -> int:
     from .nnunet.calibration_report import PLOT_FILE, REPORT_FILE, summary_lines
+    from .nnunet.failure_report import FIGURE_FILE, SECTION
     from .nnunet.prediction_folder import calibrate_prediction_folder
 
     report = calibrate_prediction_folder(args.pred_folder, args.gt_folder, args.output_folder, args.num_processes,
-                                         args.allow_missing)
+                                         args.allow_missing, args.failure_dice)
     print("\n".join(summary_lines(report)))
     output = Path(args.output_folder or args.pred_folder)
-    print(f"wrote {output / REPORT_FILE} and {output / PLOT_FILE}")
+    written = [str(output / name) for name in (REPORT_FILE, PLOT_FILE, FIGURE_FILE)
+               if name != FIGURE_FILE or SECTION in report]
+    print(f"wrote {', '.join(written[:-1])} and {written[-1]}")
     return 0
 
 
 def _compare_command(args: argparse.Namespace) -> int:
     from ._atomic import atomic_path
     from .comparison import csv_table
-    from .nnunet.compare_reports import common_cases_note, compare, printed_table, write_comparison
+    from .nnunet.compare_reports import (FAILURE_CSV, common_cases_note, compare, printed_failure_table,
+                                         printed_table, write_comparison)
 
     comparison, methods = compare(args.methods, args.baseline, args.common_cases)
     print(printed_table(comparison), end="")
+    failure_table = printed_failure_table(methods)
+    if failure_table:
+        print(f"\n{failure_table}", end="")
     note = common_cases_note(methods)
     if note:
         print(note)
     if args.output_folder:
         write_comparison(comparison, methods, args.output_folder)
-        print(f"wrote report.md, table.csv, table.tex and compare.png into {args.output_folder}")
+        print(f"wrote report.md, table.csv, table.tex, compare.png{f' and {FAILURE_CSV}' if failure_table else ''} "
+              f"into {args.output_folder}")
     if args.csv:
         with atomic_path(args.csv) as temporary:
             temporary.write_text(csv_table(comparison))
@@ -253,8 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = commands.add_parser("calibration", help="calibration report of an nnU-Net prediction folder (needs "
                                                   "--save_probabilities)")
-    sub.add_argument("pred_folder", help="folder of nnUNetv2_predict --save_probabilities, or a validation folder "
-                                         "written with --npz")
+    sub.add_argument("pred_folder", help="folder of nnUNetv2_predict or nnunet-margin predict with "
+                                         "--save_probabilities, or a validation folder written with --npz")
     sub.add_argument("gt_folder", help="folder with the ground-truth segmentations (CASE<file_ending>)")
     sub.add_argument("-o", "--output-folder", dest="output_folder", default=None,
                      help="where calibration.json and reliability.png go (default: PRED_FOLDER)")
@@ -263,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--allow-missing", dest="allow_missing", action="store_true",
                      help="report the predicted cases only when ground-truth cases have no prediction (refused "
                           "otherwise); calibration.json lists those left out")
+    sub.add_argument("--failure-dice", dest="failure_dice", type=float, default=0.5, metavar="DICE",
+                     help="for a folder of `nnunet-margin predict`: a case counts as failed when its mean foreground "
+                          "Dice is below this, for the AUROC of each confidence score (default: 0.5)")
     sub.set_defaults(func=_calibration_command)
 
     sub = commands.add_parser("compare", help="the papers' comparison table of methods: mean ± std, sum of ranks, "
@@ -274,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="method the others are tested against (paired Wilcoxon signed-rank test per metric)")
     sub.add_argument("-o", "--output-folder", dest="output_folder", default=None,
                      help="write report.md, table.csv, table.tex and compare.png there")
-    sub.add_argument("--csv", default=None, metavar="FILE", help="also write the table as CSV")
+    sub.add_argument("--csv", default=None, metavar="FILE",
+                     help="also write the table as CSV (failure detection goes to -o's failure_detection.csv)")
     sub.add_argument("--common-cases", dest="common_cases", action="store_true",
                      help="compare methods evaluated on different cases on the cases all of them have (refused "
                           "otherwise); the report names those left out")
