@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from nnunet_margin.calibration.logit_sample import LogitSample
 from nnunet_margin.nnunet import _seams
 from nnunet_margin.nnunet.posthoc.fit import calibration_table
 from nnunet_margin.nnunet.posthoc.images import CalibrationSet
+from nnunet_margin.nnunet.posthoc.maps import fit_command
 from nnunet_margin.nnunet.provenance import file_sha256
 from nnunet_margin.nnunet.synthetic_dataset import write_synthetic_dataset
 
@@ -394,3 +396,12 @@ def test_export_refuses_an_images_map_with_other_folds_other_fits_or_mixed_scope
     error = export_error(model, out, capsys)
     assert "different scopes (fold_0: temperature per fold; fold_1: vector images over folds 0, 1)" in error
     assert refit in error
+
+
+def test_the_refit_command_of_an_images_map_names_its_calibration_set_and_mirroring(tmp_path):
+    model = SimpleNamespace(folder=tmp_path / "model")
+    fitted_on = {"images": "/data/cal images", "labels": "/data/cal labels", "mirroring": False}
+    assert fit_command(model, ["0", "1"], "matrix", "images", fitted_on) == (
+        f"nnunet-margin fit-calibration {tmp_path / 'model'} -f 0 1 --method matrix --fit-on images --images "
+        f"'/data/cal images' --labels '/data/cal labels' --disable_tta")
+    assert fit_command(model, ["0"], "vector", "images").endswith("--images IMAGES --labels LABELS")
