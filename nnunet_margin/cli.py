@@ -170,10 +170,15 @@ def _export_portable_command(args: argparse.Namespace) -> int:
 
 def _fit_calibration_command(args: argparse.Namespace) -> int:
     from .nnunet.posthoc.fit import calibration_table, fit_model_calibration
+    from .nnunet.posthoc.images import ImagesRequest
     from .nnunet.posthoc.maps import CALIBRATION_MAP_FILE
 
+    images = None
+    if args.images or args.labels or args.disable_tta:
+        images = ImagesRequest(Path(args.images) if args.images else None,
+                               Path(args.labels) if args.labels else None, not args.disable_tta, args.npp)
     records = fit_model_calibration(args.model_folder, args.method, args.folds, args.scope, args.held_out,
-                                    args.revalidate, args.device, args.fit_on)
+                                    args.revalidate, args.device, args.fit_on, images)
     print(calibration_table(records), end="")
     print(f"held-out voxels: metrics on the part of the sample the fit did not see; wrote {CALIBRATION_MAP_FILE} "
           f"into " + ", ".join(str(Path(args.model_folder) / fold) for fold in records))
@@ -330,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = commands.add_parser("fit-calibration", help="fit a post-hoc calibrator (temperature, vector or matrix "
                                                       "scaling) per fold or pooled over the folds on their validation "
-                                                      "logit samples, measured on a held-out part (writes "
+                                                      "logit samples, or for the fold ensemble on a calibration set, "
+                                                      "measured on a held-out part (writes "
                                                       "fold_X/calibration_map.json)")
     sub.add_argument("model_folder", help="trained model folder nnUNet_results/DatasetXXX/TRAINER__PLANS__CONF")
     sub.add_argument("--method", required=True, choices=["temperature", "vector", "matrix"],
@@ -340,17 +346,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--scope", choices=("foreground", "crop"), default="crop",
                      help="voxels fitted on (default: crop, every voxel in nnU-Net's crop box; foreground only for "
                           "temperature); held-out metrics are reported in both")
-    sub.add_argument("--fit-on", dest="fit_on", choices=("fold", "pooled"), default="fold",
+    sub.add_argument("--fit-on", dest="fit_on", choices=("fold", "pooled", "images"), default="fold",
                      help="fold: one map per fold from its own validation cases (default); pooled: one map from all "
                           "chosen folds' validation cases, folded identically into each of them (the map of their "
-                          "ensemble, approximately)")
+                          "ensemble, approximately); images: one map fitted on the chosen folds' ensemble's own "
+                          "predictions of a held-out calibration set (--images, --labels), folded identically into "
+                          "each of them (the exact calibration of that ensemble)")
+    sub.add_argument("--images", default=None, metavar="DIR",
+                     help="--fit-on images: the calibration images, CASE_0000<file_ending> (one file per channel), "
+                          "none of them a training case of the chosen folds")
+    sub.add_argument("--labels", default=None, metavar="DIR", help="--fit-on images: their labels, CASE<file_ending>")
+    sub.add_argument("--disable_tta", action="store_true",
+                     help="--fit-on images: predict without test-time mirroring (as nnUNetv2_predict --disable_tta); "
+                          "fit with mirroring (the default) if you deploy with it")
+    sub.add_argument("-npp", type=int, default=_environment_int("nnUNet_npp", 3),
+                     help="--fit-on images: preprocessing processes (default $nnUNet_npp or 3, as nnUNetv2_predict; "
+                          "0: in this process)")
     sub.add_argument("--held-out", dest="held_out", type=float, default=0.2,
                      help="fraction of the sample kept out of the fit to measure it (default 0.2)")
     sub.add_argument("--revalidate", action="store_true",
                      help="run the fold's validation again with the calibration hook first (also done where the "
                           "logit sample is missing)")
     sub.add_argument("-device", "--device", default=None, choices=["cuda", "cpu"],
-                     help="device for a validation run (default: cuda if available)")
+                     help="device for a validation run or the calibration set's prediction (default: cuda if "
+                          "available)")
     sub.set_defaults(func=_fit_calibration_command)
 
     sub = commands.add_parser("benchmark", help="train, validate, (post-hoc calibrate, test) and compare several "

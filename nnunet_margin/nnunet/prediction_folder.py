@@ -137,6 +137,15 @@ def read_ground_truth(gt_file: Path, info: DatasetInfo) -> tuple[np.ndarray, dic
     return segmentation[0], properties
 
 
+def check_label_values(segmentation: np.ndarray, gt_file: Path, info: DatasetInfo) -> None:
+    """Refuse a ground truth holding values that are not labels of dataset.json."""
+    unknown = np.setdiff1d(np.unique(segmentation), info.label_values)
+    if unknown.size:
+        values = ", ".join(f"{value:g}" for value in unknown)
+        raise ValueError(f"ground truth {gt_file} holds values {values} that are not labels of dataset.json "
+                         f"({info.label_values}); is the GT folder the one of this dataset?")
+
+
 def load_case_files(npz_file: Path, pkl_file: Path, gt_file: Path, info: DatasetInfo) -> LoadedCase:
     """Probabilities, integer ground truth and crop mask of one exported case, with both properties, checked against
     each other and dataset.json."""
@@ -149,11 +158,7 @@ def load_case_files(npz_file: Path, pkl_file: Path, gt_file: Path, info: Dataset
     if probabilities.shape[1:] != segmentation.shape:
         raise ValueError(f"probabilities shape {probabilities.shape} of {npz_file} does not match ground truth shape "
                          f"{segmentation.shape} of {gt_file}: is the GT folder the one of this dataset?")
-    unknown = np.setdiff1d(np.unique(segmentation), info.label_values)
-    if unknown.size:
-        values = ", ".join(f"{value:g}" for value in unknown)
-        raise ValueError(f"ground truth {gt_file} holds values {values} that are not labels of dataset.json "
-                         f"({info.label_values}); is the GT folder the one of this dataset?")
+    check_label_values(segmentation, gt_file, info)
     try:
         mask = crop_mask(layout.CropBox.from_properties(properties), info.transpose_backward)
     except ValueError as error:
