@@ -386,7 +386,7 @@ def post_hoc_benchmark(setup, first_benchmark) -> dict:
 
 def test_each_calibrator_is_a_row_of_the_test_table_with_its_gain_and_fitted_map(post_hoc_benchmark):
     """Issue 18.3: the fold ensemble before and after each calibrator on the test set, what each gains per test
-    case with paired confidence intervals, and the fitted maps."""
+    case with paired confidence intervals, and the fitted maps; issue 17.5: the failure detection of each."""
     folder = post_hoc_benchmark["folder"]
     assert "12 of 13 step(s) to run" in post_hoc_benchmark["out"] and "/train: running" not in post_hoc_benchmark["out"]
     rows = {row["method"]: row for row in csv.DictReader((folder / "report/repeat_1/test/table.csv").open())}
@@ -410,6 +410,16 @@ def test_each_calibrator_is_a_row_of_the_test_table_with_its_gain_and_fitted_map
     assert f"| {PLUGIN} | temperature | 1 | 0 | T = {temperature:.4g} |" in report
     assert f"| {PLUGIN} | vector | 1 | 0 | ‖A − I‖ = " in report
     assert "### What each post-hoc calibrator gains on the test cases (repeat 1)" in report
+    # issue 17.5: failure detection of every method's ensemble predictions (nnunet-margin predict's scores)
+    failure = list(csv.DictReader((folder / "report/repeat_1/test/failure_detection.csv").open()))
+    for method in rows:
+        section = json.loads((folder / f"repeat_1/test/{method}/evaluation/calibration.json").read_text())[
+            "failure_detection"]
+        method_rows = {row["score"]: row for row in failure if row["method"] == method}
+        assert set(method_rows) == set(section["scores"]) and "entropy_foreground" in method_rows, method
+        for score, row in method_rows.items():
+            assert row["n_cases"] == "2" and float(row["aurc_value"]) == pytest.approx(section["scores"][score]["aurc"])
+    assert "### Failure detection on the test cases (repeat 1)" in report
 
 
 def test_the_calibrators_are_fitted_beside_the_model_folder_without_writing_into_it(post_hoc_benchmark):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from failure_checks import aurc_by_orderings, confidences
 from process_checks import alive, descendants
 
 from nnunet_margin.nnunet.benchmark.command import _status_table
@@ -416,14 +417,20 @@ def test_the_identity_names_the_folder_and_says_what_changed(tmp_path):
         tmp_path / "results" / "Dataset001_X" / "calibration_benchmarks" / benchmark.name
 
 
-def _calibration_report(folder: Path, dice: dict[str, float], ece: dict[str, float]) -> None:
-    """A calibration.json of the cases in `dice` (one foreground class; NLL and Brier derived from the ECE)."""
+def _calibration_report(folder: Path, dice: dict[str, float], ece: dict[str, float],
+                        entropy: dict[str, float] | None = None) -> None:
+    """A calibration.json of the cases in `dice` (one foreground class; NLL and Brier derived from the ECE), with
+    the failure-detection section of `nnunet-margin calibration` where a per-case `entropy` score is given."""
     folder.mkdir(parents=True)
-    (folder / "calibration.json").write_text(json.dumps({"class_names": ["background", "organ"], "metric_per_case": {
+    report = {"class_names": ["background", "organ"], "metric_per_case": {
         case: {"foreground": {"ece": ece[case], "classwise_ece": ece[case] / 2, "class_ece": [ece[case], ece[case]],
                               "nll": 3 * ece[case], "brier": ece[case] ** 2},
                "segmentation": {"dice": {"organ": dice[case]}, "hd95": {"organ": 2.0}, "asd": {"organ": 1.0}}}
-        for case in dice}}))
+        for case in dice}}
+    if entropy is not None:
+        report["failure_detection"] = {"failure_dice": 0.7, "dice": dice, "scores": {
+            "entropy_foreground": {"failure_when": "higher", "values": entropy}}}
+    (folder / "calibration.json").write_text(json.dumps(report))
 
 
 def test_the_reports_spread_over_repeats_is_the_comparison_of_the_per_repeat_means(tmp_path):
@@ -480,7 +487,7 @@ def test_the_report_shows_what_each_calibrator_gains_per_case_and_the_fitted_map
     test = {"1": {}}
     for method, values in ece.items():
         test["1"][method] = str(tmp_path / "test" / method)
-        _calibration_report(tmp_path / "test" / method, dice, values)
+        _calibration_report(tmp_path / "test" / method, dice, values, entropy=values)  # ECE as the score
     cross_validation = {"1": {"A": str(tmp_path / "cv" / "A")}}
     _calibration_report(tmp_path / "cv" / "A" / "fold_0" / "validation", dice, ece["A"])
     maps = {"1": {"A": {
@@ -523,6 +530,21 @@ def test_the_report_shows_what_each_calibrator_gains_per_case_and_the_fitted_map
     assert "Post-hoc calibration, T+K minus T per test case (repeat 1):" in summary and gains_rows[1] in summary
     test_table = list(csv.DictReader((tmp_path / "report/repeat_1/test/table.csv").open()))
     assert {row["method"] for row in test_table} == {"A", "A+temperature", "A+vector"}
+    # failure detection per method on the test cases, from the comparison package (AURC checked directly)
+    failure = {row["method"]: row for row in csv.DictReader((tmp_path / "report/repeat_1/test/failure_detection.csv"
+                                                              ).open())}
+    assert set(failure) == {"A", "A+temperature", "A+vector"}
+    risk = [1 - dice[case] for case in cases]
+    for method, values in ece.items():
+        expected = aurc_by_orderings(confidences([values[case] for case in cases], "higher"), risk)
+        assert float(failure[method]["aurc_value"]) == pytest.approx(expected, rel=1e-12)
+    ranks = {method: float(row["aurc_rank"]) for method, row in failure.items()}  # halved ECE: the same ranking
+    better = float(failure["A+temperature"]["aurc_value"]) < float(failure["A"]["aurc_value"])
+    assert ranks == {"A": 1.5 + better, "A+vector": 1.5 + better, "A+temperature": 1.0 if better else 3.0}
+    failure_section = report.split("### Failure detection on the test cases (repeat 1)")[1].split("###")[0]
+    assert {line.split(" | ")[1] for line in failure_section.splitlines() if line.startswith("| entropy")} == \
+        {"A", "A+temperature", "A+vector"}
+    assert "Test set (repeat 1), Failure detection (risk = 1 - mean foreground Dice" in summary
     maps_rows = [line for line in report.split("## Fitted maps")[1].splitlines() if line.startswith("| A |")]
     assert maps_rows == ["| A | temperature | 1 | 0 | T = 1.5 | no | yes |",
                          "| A | temperature | 1 | 1 | T = 100 | upper | yes |",

@@ -2,7 +2,8 @@
 
 Per repeat, `nnunet-margin compare`'s tables of the cross-validation (each trainer's folds of this benchmark) and of
 the test set (each method's fold ensemble: every trainer, and every trainer with each post-hoc calibrator folded in,
-T+K); with post-hoc calibrators, what each gains on the test cases (the paired differences of T+K and T per case,
+T+K), with the failure detection of each method's per-case confidence scores (those of `nnunet-margin predict`);
+with post-hoc calibrators, what each gains on the test cases (the paired differences of T+K and T per case,
 with paired-bootstrap confidence intervals) and the fitted maps; with several repeats, the run-to-run spread: the
 comparison of the methods' per-repeat means, each repeat counted as one case (mean ± standard deviation over
 repeats, confidence intervals and ranks as for cases); and every step's command. Every statistic comes from
@@ -23,7 +24,8 @@ import numpy as np
 from ..._atomic import atomic_path
 from ...comparison import (Comparison, PairedDifference, compare_methods, csv_table, markdown_table, metric_label,
                            paired_difference, repeats_as_cases)
-from ..compare_reports import MethodReports, compare, printed_table, write_comparison
+from ..compare_reports import (FAILURE_CSV, MethodReports, compare, printed_failure_table, printed_table,
+                               write_comparison)
 from .plan import SUMMARY_FILE, Plan, Step
 from .settings import IDENTITY_FILE
 
@@ -72,6 +74,13 @@ def write_report(plan: Plan, step: Step, target: Path) -> None:
                             f"p-values: [{relative / 'report.md'}]({relative / 'report.md'}).\n")
             if repeat == "1":
                 summary.append(f"{heading}:\n{table}")
+            failure = printed_failure_table(methods) if title == "test set" else ""
+            if failure:  # the test predictions of `nnunet-margin predict` carry per-case confidence scores
+                sections.append(f"### Failure detection on the test cases (repeat {repeat})\n\n{failure}\nWith "
+                                f"confidence intervals: [{relative / 'report.md'}]({relative / 'report.md'}), "
+                                f"`{relative / FAILURE_CSV}`.\n")
+                if repeat == "1":
+                    summary.append(f"Test set (repeat 1), {failure}")
             if title == "test set" and settings["post_hoc"]:
                 gains = _gains_table(methods, settings["trainers"], settings["post_hoc"],
                                      target / relative / GAINS_FILE)
