@@ -2,8 +2,10 @@
 better on a test set than per-fold maps (`fold`) or a map fitted on the folds' pooled validation cases (`pooled`)?
 
 A synthetic dataset (`write_synthetic_dataset`: 32^3 volumes, 4 classes, an organ, a lesion and a tiny rare spot)
-with few training cases, and two sets drawn the same way with other seeds: a calibration set and a test set (their
-cases renamed cal_XXX and test_XXX, so that the benchmark can check they are apart). nnU-Net's `2d` configuration,
+made harder by extra Gaussian noise on every image (`--noise`; without it the task is so easy that the ensemble is
+calibrated to ECE 0.004 and no calibrator has anything to fix), with few training cases, and two sets drawn the
+same way with other seeds: a calibration set and a test set (their cases renamed cal_XXX and test_XXX, so that the
+benchmark can check they are apart). nnU-Net's `2d` configuration,
 nnU-Net's default trainer (`nnUNetTrainer_demo`: nnUNetTrainer with EPOCHS x ITERATIONS iterations and no test-time
 mirroring), folds 0 and 1 of nnU-Net's 5-fold split, trained long enough on few cases to become over-confident.
 Then one `nnunet-margin benchmark --post-hoc temperature vector --post-hoc-fit SCOPE` per scope on the test set: the
@@ -13,9 +15,9 @@ with each calibrator per scope, and what each calibrator gains per test case wit
 (the benchmark's report/repeat_1/test/post_hoc_gains.csv).
 
 Run (about 20 minutes of CPU on 2 shared cores with the defaults; resumable: the benchmarks keep finished steps):
-    .venv/bin/python bench/bench_posthoc_scopes.py [--root DIR] [--epochs 40] [--iterations 50] [--scopes fold images]
+    .venv/bin/python bench/bench_posthoc_scopes.py [--root DIR] [--epochs 30] [--iterations 40] [--scopes fold images]
 nnU-Net does not seed its training, so the trained networks (and the numbers) differ from run to run; the datasets
-are the same (seeds 0, 1, 2). Results go to ROOT/results.json and are printed as Markdown.
+are the same (seeds 0, 1, 2; noise seeds 10, 11, 12). Results go to ROOT/results.json and are printed as Markdown.
 """
 
 from __future__ import annotations
@@ -47,8 +49,23 @@ def run(env: dict, *command: str) -> str:
     return result.stdout
 
 
-def held_out_set(root: Path, prefix: str, cases: int, seed: int) -> tuple[Path, Path]:
-    """`cases` synthetic cases drawn with `seed`, as ROOT/PREFIX/images and labels, named PREFIX_XXX."""
+def add_noise(images: Path, sd: float, seed: int) -> None:
+    """Add Gaussian noise of standard deviation `sd` to every image in the folder (the harder variant)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(seed)
+    for path in sorted(images.glob("*_0000.nii.gz")):
+        image = sitk.ReadImage(str(path))
+        array = sitk.GetArrayFromImage(image)
+        noisy = sitk.GetImageFromArray((array + rng.normal(0.0, sd, array.shape)).astype(np.float32))
+        noisy.CopyInformation(image)
+        sitk.WriteImage(noisy, str(path))
+
+
+def held_out_set(root: Path, prefix: str, cases: int, seed: int, noise: float) -> tuple[Path, Path]:
+    """`cases` synthetic cases drawn with `seed` (noise with seed + 10), as ROOT/PREFIX/images and labels, named
+    PREFIX_XXX."""
     from nnunet_margin.nnunet.synthetic_dataset import write_synthetic_dataset
 
     images, labels = root / prefix / "images", root / prefix / "labels"
@@ -56,6 +73,7 @@ def held_out_set(root: Path, prefix: str, cases: int, seed: int) -> tuple[Path, 
         return images, labels
     with tempfile.TemporaryDirectory(dir=root) as temporary:
         written = write_synthetic_dataset(temporary, dataset_id=999, num_training=0, num_test=cases, seed=seed)
+        add_noise(written / "imagesTs", noise, seed + 10)
         for source, target in ((written / "imagesTs", images), (written / "labelsTs", labels)):
             target.mkdir(parents=True)
             for path in source.iterdir():
@@ -63,14 +81,15 @@ def held_out_set(root: Path, prefix: str, cases: int, seed: int) -> tuple[Path, 
     return images, labels
 
 
-def prepare(root: Path, env: dict, train_cases: int) -> None:
+def prepare(root: Path, env: dict, train_cases: int, noise: float) -> None:
     """Write the training dataset and plan and preprocess it for the 2d configuration (once)."""
     from nnunet_margin.nnunet.synthetic_dataset import write_synthetic_dataset
 
     if (root / "preprocessed" / DATASET_NAME / "nnUNetPlans_2d").is_dir():
         return
-    write_synthetic_dataset(root / "raw", dataset_id=DATASET_ID, name="PosthocScopes", num_training=train_cases,
-                            num_test=0, seed=0)
+    written = write_synthetic_dataset(root / "raw", dataset_id=DATASET_ID, name="PosthocScopes",
+                                      num_training=train_cases, num_test=0, seed=0)
+    add_noise(written / "imagesTr", noise, 10)
     run(env, "nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", CONFIGURATION, "-np", "2", "-npfp", "2")
 
 
@@ -107,11 +126,14 @@ def read_results(folder: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "nnunet_margin_posthoc_scopes")
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--iterations", type=int, default=50, help="training iterations per epoch")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--iterations", type=int, default=40, help="training iterations per epoch")
     parser.add_argument("--train-cases", type=int, default=6)
     parser.add_argument("--calibration-cases", type=int, default=6)
     parser.add_argument("--test-cases", type=int, default=10)
+    parser.add_argument("--noise", type=float, default=1.0,
+                        help="standard deviation of the Gaussian noise added to every image (the generator's own is "
+                             "0.35 around class means 0, 1, 2.2, 3.5): ambiguous voxels, where over-confidence shows")
     parser.add_argument("--scopes", nargs="+", default=["fold", "pooled", "images"],
                         choices=["fold", "pooled", "images"])
     args = parser.parse_args()
@@ -121,15 +143,16 @@ def main() -> None:
 
     env = {**os.environ, "nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "preprocessed"),
            "nnUNet_results": str(root / "results"), "nnUNet_def_n_proc": "1", "PYTHONUNBUFFERED": "1",
-           "nnUNet_extTrainer": os.pathsep.join([trainers_path(), str(REPO / "demo" / "trainers")])}
-    prepare(root, env, args.train_cases)
-    calibration = held_out_set(root, "cal", args.calibration_cases, seed=1)
-    test = held_out_set(root, "test", args.test_cases, seed=2)
+           "nnUNet_extTrainer": os.pathsep.join([str(trainers_path()), str(REPO / "demo" / "trainers")])}
+    prepare(root, env, args.train_cases, args.noise)
+    calibration = held_out_set(root, "cal", args.calibration_cases, 1, args.noise)
+    test = held_out_set(root, "test", args.test_cases, 2, args.noise)
     env.update({"nnUNet_n_proc_DA": "0", "nnUNet_npp": "0", "nnUNet_nps": "0",
                 "NNUNET_MARGIN_DEMO_EPOCHS": str(args.epochs), "NNUNET_MARGIN_DEMO_ITERATIONS": str(args.iterations)})
     results = {"setup": {**{key: value for key, value in vars(args).items() if key not in ("root", "scopes")},
                          "configuration": CONFIGURATION, "trainer": TRAINER, "folds": FOLDS,
-                         "dataset_seeds": {"training": 0, "calibration": 1, "test": 2}}, "scopes": {}}
+                         "dataset_seeds": {"training": 0, "calibration": 1, "test": 2},
+                         "noise_seeds": {"training": 10, "calibration": 11, "test": 12}}, "scopes": {}}
     results_file = root / "results.json"
     if results_file.is_file():
         results["scopes"] = json.loads(results_file.read_text()).get("scopes", {})
