@@ -23,7 +23,7 @@ import pytest
 from failure_checks import aurc_by_orderings, confidences
 from process_checks import alive, descendants
 
-from nnunet_margin.nnunet.benchmark.command import _status_table
+from nnunet_margin.nnunet.benchmark.command import _status_table, settings_record
 from nnunet_margin.nnunet.benchmark.plan import Plan, Step, build_plan, make_link
 from nnunet_margin.nnunet.benchmark.report import write_report
 from nnunet_margin.nnunet.benchmark.runners import BENCHMARK_MARKER, LocalExecutor, run_step
@@ -395,6 +395,16 @@ def test_saving_the_plan_makes_the_views_relative_links(tmp_path):
     assert (link.parent / os.readlink(link)).resolve() == target.with_name("checkpoint_best.pth").resolve()
     plan.save()
     assert link.read_text() == "retrained"
+
+
+def test_the_settings_record_holds_every_folder_as_a_string(tmp_path):
+    """benchmark.json: the test set's and the calibration set's folders (Paths from the command line) as strings."""
+    settings = BenchmarkSettings(dataset="1", configuration="2d", trainers=["A"], folds=["0"], post_hoc=["vector"],
+                                 post_hoc_fit="images", test_images=tmp_path / "ti", test_labels=tmp_path / "tl",
+                                 calibration_images=tmp_path / "ci", calibration_labels=tmp_path / "cl")
+    record = json.loads(json.dumps(settings_record(settings)))
+    assert record["calibration_images"] == str(tmp_path / "ci") and record["test_labels"] == str(tmp_path / "tl")
+    assert record["post_hoc"] == ["vector"] and record["post_hoc_fit"] == "images"
 
 
 def test_the_identity_names_the_folder_and_says_what_changed(tmp_path):
