@@ -26,13 +26,14 @@ from test_benchmark_steps import save_plan, stand_in
 
 from conftest import DATASET_NAME
 from nnunet_margin import cli
+from nnunet_margin._atomic import write_json_atomic
 from nnunet_margin.nnunet.benchmark.command import _status_table
 from nnunet_margin.nnunet.benchmark.plan import Plan, Step
 from nnunet_margin.nnunet.benchmark.runners import BENCHMARK_MARKER, remove_leftovers
 from nnunet_margin.nnunet.benchmark.slurm_executor import (SlurmExecutor, job_record_path, recorded_jobs,
                                                            refuse_live_jobs)
 from nnunet_margin.nnunet.benchmark.state import Lock, evaluate, holder_info, read_json, step_lock_path
-from nnunet_margin.nnunet.slurm import JobState, SlurmJob, SlurmOptions
+from nnunet_margin.nnunet.slurm import JobState, SlurmError, SlurmJob, SlurmOptions
 
 NNUNET, PLUGIN = "nnUNetTrainer_demo", "nnUNetTrainerMbLS_demo"
 FAILING = "nnUNetTrainer_fails"
@@ -195,6 +196,17 @@ def test_leftovers_of_steps_that_may_still_run_are_kept(tmp_path):
         lock.release()
     assert {step_id: folder.exists() for step_id, folder in leftovers.items()} == {
         "killed": False, "queued": True, "locked": True}
+
+
+def test_jobs_whose_state_cannot_be_read_are_named_with_their_records(tmp_path, monkeypatch):
+    """Without squeue (another machine), a benchmark with unfinished jobs is not run blindly."""
+    plan = save_plan(tmp_path, [stand_in(tmp_path, "train", "fail")])
+    job = SlurmJob("7", "train", plan.folder / "jobs" / "train.sbatch", plan.log(plan.step("train")))
+    write_json_atomic(job_record_path(plan, plan.step("train")), {"step": "train", "job": job.to_json()})
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(SlurmError, match=r"^1 unfinished step\(s\) have Slurm jobs \(train\) whose state is unknown: "
+                                         r"squeue not found on PATH.*remove their records .*/state/STEP.job.json$"):
+        recorded_jobs(plan, evaluate(plan))
 
 
 @pytest.mark.parametrize("arguments, expected", [

@@ -58,8 +58,9 @@ def recorded_jobs(plan: Plan, states: dict[str, StepState]) -> dict[str, JobStat
     try:
         statuses = job_states(list(jobs.values()))
     except SlurmError as error:
-        raise SlurmError(f"{len(jobs)} unfinished step(s) have Slurm jobs ({', '.join(sorted(jobs)[:3])}, ...) whose "
-                         f"state is unknown: {error}. Where those jobs have surely ended, remove their records "
+        steps = ", ".join(list(jobs)[:3]) + (", ..." if len(jobs) > 3 else "")
+        raise SlurmError(f"{len(jobs)} unfinished step(s) have Slurm jobs ({steps}) whose state is unknown: {error}. "
+                         f"Where those jobs have surely ended, remove their records "
                          f"{plan.folder / STATE_FOLDER}/STEP.job.json") from None
     return {step_id: statuses[job.job_id] for step_id, job in jobs.items()}
 
