@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -83,9 +84,12 @@ def _plan_dataset(nnunet: NnUNetEnv) -> NnUNetEnv:
 
 
 @pytest.fixture(scope="session")
-def nnunet_env(tmp_path_factory) -> NnUNetEnv:
-    """Synthetic dataset written, planned and preprocessed once per test worker; tests may write into it."""
-    return _plan_dataset(_dataset_env(tmp_path_factory.mktemp("nnunet")))
+def nnunet_env(shared_models, tmp_path_factory) -> NnUNetEnv:
+    """A writable copy of the shared planned and preprocessed dataset (no trained models), one per test worker."""
+    nnunet = _dataset_env(tmp_path_factory.mktemp("nnunet"))
+    for folder in ("raw", "preprocessed"):
+        shutil.copytree(shared_models.nnunet.root / folder, nnunet.root / folder)
+    return nnunet
 
 
 @dataclass
@@ -109,10 +113,10 @@ class SharedModels:
 
 
 @pytest.fixture(scope="session")
-def shared_models(tmp_path_factory, worker_id) -> SharedModels:
+def shared_models(tmp_path_factory) -> SharedModels:
     """One planned dataset and its short trainings for all test workers of the session (see `SharedModels`)."""
     base = tmp_path_factory.getbasetemp()
-    root = (base.parent if worker_id != "master" else base) / "shared_models"
+    root = (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / "shared_models"
     root.mkdir(exist_ok=True)
     nnunet = _dataset_env(root)
     lock = FileLock(str(root / ".lock"))

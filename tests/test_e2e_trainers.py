@@ -3,6 +3,7 @@ validation, resume and re-validate, predict. nnUNet_extTrainer is set as the REA
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -107,31 +108,35 @@ def test_mbls_train_logs_penalty_share_and_predicts(nnunet_env, tmp_path):
     predict(nnunet_env, trainer, tmp_path / "predicted")
 
 
-def test_calibration_cli_on_nnunet_own_trainer(nnunet_env, tmp_path):
-    """A model trained with nnU-Net's own trainer, predicted with --save_probabilities, reported by the CLI."""
-    trainer = "nnUNetTrainer_demo"
-    nnunet_env.train(trainer)
-    output = tmp_path / "predicted"
-    predict(nnunet_env, trainer, output, "--save_probabilities")
-    result = nnunet_env.run("nnunet-margin", "calibration", str(output), str(nnunet_env.raw / "labelsTs"))
+def test_calibration_cli_on_nnunet_own_trainer(shared_models, shared_test_predictions, tmp_path):
+    """A model trained with nnU-Net's own trainer, predicted with --save_probabilities, reported by the CLI; then
+    fit-calibration on a copy of the model (the session's shared training and prediction, read-only)."""
+    nnunet = shared_models.nnunet
+    output = Path(shutil.copytree(shared_test_predictions, tmp_path / "predicted"))
+    result = nnunet.run("nnunet-margin", "calibration", str(output), str(nnunet.raw / "labelsTs"))
     assert "ece" in result.stdout.lower()
-    assert_calibration_report_files = json.loads((output / "calibration.json").read_text())
-    assert set(assert_calibration_report_files["metric_per_case"]) == {"case_010", "case_011"}
+    report = json.loads((output / "calibration.json").read_text())
+    assert set(report["metric_per_case"]) == {"case_010", "case_011"}
     assert (output / "reliability.png").is_file()
 
-    compared = nnunet_env.run("nnunet-margin", "compare", str(output))
+    compared = nnunet.run("nnunet-margin", "compare", str(output))
     assert "ECE" in compared.stdout
 
     # fit-calibration runs the validation of nnU-Net's own trainer again, with the calibration hook
-    model = nnunet_env.results(trainer)
+    trainer = "nnUNetTrainer_demo"
+    shared = shared_models.model(trainer, ("0",))
+    results = tmp_path / "results"
+    model = Path(shutil.copytree(shared, results / shared.parent.name / shared.name))
     assert not (model / "fold_0" / "validation" / "logit_sample.nnunet_margin").exists()
-    fitted = nnunet_env.run("nnunet-margin", "fit-calibration", str(model), "--method", "vector", "-device", "cpu")
+    fitted = nnunet.run("nnunet-margin", "fit-calibration", str(model), "--method", "vector", "-device", "cpu",
+                        nnUNet_results=str(results))
     assert "running nnU-Net's validation again with the calibration hook" in fitted.stdout
     record = json.loads((model / "fold_0" / "calibration_map.json").read_text())
     assert record["calibration"]["method"] == "vector" and record["held_out"]["crop"]["num_voxels"] > 0
     assert (model / "fold_0" / "validation" / "calibration.json").is_file()
     checkpoint = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert checkpoint["trainer_name"] == trainer  # the model itself is unchanged
+    assert not (shared / "fold_0" / "calibration_map.json").exists()  # the shared model was not touched
 
 
 def test_region_datasets_are_refused_before_training(nnunet_env, tmp_path):
