@@ -268,7 +268,7 @@ def slurm_benchmark(setup, cluster) -> dict:
     jobs_after_second = job_records(folder)
     local = setup.run(*setup.arguments(NNUNET, PLUGIN, test_set=True))
     waiting = setup.run(*arguments, "--status")
-    ended = wait_for_jobs(folder, interval=1)  # the trainings take a while
+    ended = wait_for_jobs(folder)
     collected = setup.run(*arguments)
     return {"folder": folder, "first": first, "jobs": jobs, "training": training, "dependency": dependency,
             "second": second, "jobs_after_second": jobs_after_second, "local": local, "waiting": waiting,
@@ -329,9 +329,11 @@ def local_copy_and_failure(setup, slurm_benchmark) -> dict:
     local = setup.run(*setup.arguments(NNUNET, PLUGIN, test_set=True), results=copy)
     failing_folder = setup.folder(failing[1])
     ended = wait_for_jobs(failing_folder)
+    status = setup.run(*failing_arguments, "--status")
+    # The next run submits the failed training again, held: only its submission is tested, not a second failure.
     return {"copy": copy, "local": local, "failing_folder": failing_folder, "failing": failing,
-            "failing_jobs": job_records(failing_folder), "ended": ended,
-            "status": setup.run(*failing_arguments, "--status"), "next": setup.run(*failing_arguments)}
+            "failing_jobs": job_records(failing_folder), "ended": ended, "status": status,
+            "next": setup.run(*failing_arguments, "--slurm-extra=--hold")}
 
 
 def test_the_local_executor_on_the_same_trainings_gives_the_same_report(slurm_benchmark, local_copy_and_failure,
@@ -384,3 +386,5 @@ def test_a_failed_job_is_reported_with_its_log_and_the_other_jobs_results_are_ke
            f"{kept}; submitted again as job " in out
     assert f"{FAILING}: a deliberate error in the trainer's own code" in kept.read_text()
     assert "submitted 3 job(s)" in out and f"{PLUGIN}/fold_0/cross-validation" not in out  # its result is kept
+    resubmitted = job_records(folder)[f"repeat_1/{FAILING}/fold_0/train"]
+    assert f"submitted again as job {resubmitted.job_id}" in out and resubmitted.job_id != training.job_id
