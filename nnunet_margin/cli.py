@@ -93,29 +93,37 @@ def _label_stats_command(args: argparse.Namespace) -> int:
 
 def _calibration_command(args: argparse.Namespace) -> int:
     from .nnunet.calibration_report import PLOT_FILE, REPORT_FILE, summary_lines
+    from .nnunet.failure_report import FIGURE_FILE, SECTION
     from .nnunet.prediction_folder import calibrate_prediction_folder
 
     report = calibrate_prediction_folder(args.pred_folder, args.gt_folder, args.output_folder, args.num_processes,
-                                         args.allow_missing)
+                                         args.allow_missing, args.failure_dice)
     print("\n".join(summary_lines(report)))
     output = Path(args.output_folder or args.pred_folder)
-    print(f"wrote {output / REPORT_FILE} and {output / PLOT_FILE}")
+    written = [str(output / name) for name in (REPORT_FILE, PLOT_FILE, FIGURE_FILE)
+               if name != FIGURE_FILE or SECTION in report]
+    print(f"wrote {', '.join(written[:-1])} and {written[-1]}")
     return 0
 
 
 def _compare_command(args: argparse.Namespace) -> int:
     from ._atomic import atomic_path
     from .comparison import csv_table
-    from .nnunet.compare_reports import common_cases_note, compare, printed_table, write_comparison
+    from .nnunet.compare_reports import (FAILURE_CSV, common_cases_note, compare, printed_failure_table,
+                                         printed_table, write_comparison)
 
     comparison, methods = compare(args.methods, args.baseline, args.common_cases)
     print(printed_table(comparison), end="")
+    failure_table = printed_failure_table(methods)
+    if failure_table:
+        print(f"\n{failure_table}", end="")
     note = common_cases_note(methods)
     if note:
         print(note)
     if args.output_folder:
         write_comparison(comparison, methods, args.output_folder)
-        print(f"wrote report.md, table.csv, table.tex and compare.png into {args.output_folder}")
+        print(f"wrote report.md, table.csv, table.tex, compare.png{f' and {FAILURE_CSV}' if failure_table else ''} "
+              f"into {args.output_folder}")
     if args.csv:
         with atomic_path(args.csv) as temporary:
             temporary.write_text(csv_table(comparison))
@@ -162,10 +170,15 @@ def _export_portable_command(args: argparse.Namespace) -> int:
 
 def _fit_calibration_command(args: argparse.Namespace) -> int:
     from .nnunet.posthoc.fit import calibration_table, fit_model_calibration
+    from .nnunet.posthoc.images import ImagesRequest
     from .nnunet.posthoc.maps import CALIBRATION_MAP_FILE
 
+    images = None
+    if args.images or args.labels or args.disable_tta:
+        images = ImagesRequest(Path(args.images) if args.images else None,
+                               Path(args.labels) if args.labels else None, not args.disable_tta, args.npp)
     records = fit_model_calibration(args.model_folder, args.method, args.folds, args.scope, args.held_out,
-                                    args.revalidate, args.device, args.fit_on)
+                                    args.revalidate, args.device, args.fit_on, images)
     print(calibration_table(records), end="")
     print(f"held-out voxels: metrics on the part of the sample the fit did not see; wrote {CALIBRATION_MAP_FILE} "
           f"into " + ", ".join(str(Path(args.model_folder) / fold) for fold in records))
@@ -289,8 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = commands.add_parser("calibration", help="calibration report of an nnU-Net prediction folder (needs "
                                                   "--save_probabilities)")
-    sub.add_argument("pred_folder", help="folder of nnUNetv2_predict --save_probabilities, or a validation folder "
-                                         "written with --npz")
+    sub.add_argument("pred_folder", help="folder of nnUNetv2_predict or nnunet-margin predict with "
+                                         "--save_probabilities, or a validation folder written with --npz")
     sub.add_argument("gt_folder", help="folder with the ground-truth segmentations (CASE<file_ending>)")
     sub.add_argument("-o", "--output-folder", dest="output_folder", default=None,
                      help="where calibration.json and reliability.png go (default: PRED_FOLDER)")
@@ -299,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--allow-missing", dest="allow_missing", action="store_true",
                      help="report the predicted cases only when ground-truth cases have no prediction (refused "
                           "otherwise); calibration.json lists those left out")
+    sub.add_argument("--failure-dice", dest="failure_dice", type=float, default=0.5, metavar="DICE",
+                     help="for a folder of `nnunet-margin predict`: a case counts as failed when its mean foreground "
+                          "Dice is below this, for the AUROC of each confidence score (default: 0.5)")
     sub.set_defaults(func=_calibration_command)
 
     sub = commands.add_parser("compare", help="the papers' comparison table of methods: mean ± std, sum of ranks, "
@@ -310,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="method the others are tested against (paired Wilcoxon signed-rank test per metric)")
     sub.add_argument("-o", "--output-folder", dest="output_folder", default=None,
                      help="write report.md, table.csv, table.tex and compare.png there")
-    sub.add_argument("--csv", default=None, metavar="FILE", help="also write the table as CSV")
+    sub.add_argument("--csv", default=None, metavar="FILE",
+                     help="also write the table as CSV (failure detection goes to -o's failure_detection.csv)")
     sub.add_argument("--common-cases", dest="common_cases", action="store_true",
                      help="compare methods evaluated on different cases on the cases all of them have (refused "
                           "otherwise); the report names those left out")
@@ -354,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = commands.add_parser("fit-calibration", help="fit a post-hoc calibrator (temperature, vector or matrix "
                                                       "scaling) per fold or pooled over the folds on their validation "
-                                                      "logit samples, measured on a held-out part (writes "
+                                                      "logit samples, or for the fold ensemble on a calibration set, "
+                                                      "measured on a held-out part (writes "
                                                       "fold_X/calibration_map.json)")
     sub.add_argument("model_folder", help="trained model folder nnUNet_results/DatasetXXX/TRAINER__PLANS__CONF")
     sub.add_argument("--method", required=True, choices=["temperature", "vector", "matrix"],
@@ -364,17 +382,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--scope", choices=("foreground", "crop"), default="crop",
                      help="voxels fitted on (default: crop, every voxel in nnU-Net's crop box; foreground only for "
                           "temperature); held-out metrics are reported in both")
-    sub.add_argument("--fit-on", dest="fit_on", choices=("fold", "pooled"), default="fold",
+    sub.add_argument("--fit-on", dest="fit_on", choices=("fold", "pooled", "images"), default="fold",
                      help="fold: one map per fold from its own validation cases (default); pooled: one map from all "
                           "chosen folds' validation cases, folded identically into each of them (the map of their "
-                          "ensemble, approximately)")
+                          "ensemble, approximately); images: one map fitted on the chosen folds' ensemble's own "
+                          "predictions of a held-out calibration set (--images, --labels), folded identically into "
+                          "each of them (the exact calibration of that ensemble)")
+    sub.add_argument("--images", default=None, metavar="DIR",
+                     help="--fit-on images: the calibration images, CASE_0000<file_ending> (one file per channel), "
+                          "none of them a training case of the chosen folds")
+    sub.add_argument("--labels", default=None, metavar="DIR", help="--fit-on images: their labels, CASE<file_ending>")
+    sub.add_argument("--disable_tta", action="store_true",
+                     help="--fit-on images: predict without test-time mirroring (as nnUNetv2_predict --disable_tta); "
+                          "fit with mirroring (the default) if you deploy with it")
+    sub.add_argument("-npp", type=int, default=_environment_int("nnUNet_npp", 3),
+                     help="--fit-on images: preprocessing processes (default $nnUNet_npp or 3, as nnUNetv2_predict; "
+                          "0: in this process)")
     sub.add_argument("--held-out", dest="held_out", type=float, default=0.2,
                      help="fraction of the sample kept out of the fit to measure it (default 0.2)")
     sub.add_argument("--revalidate", action="store_true",
                      help="run the fold's validation again with the calibration hook first (also done where the "
                           "logit sample is missing)")
     sub.add_argument("-device", "--device", default=None, choices=["cuda", "cpu"],
-                     help="device for a validation run (default: cuda if available)")
+                     help="device for a validation run or the calibration set's prediction (default: cuda if "
+                          "available)")
     sub.set_defaults(func=_fit_calibration_command)
 
     sub = commands.add_parser("benchmark", help="train, validate, (post-hoc calibrate, test) and compare several "

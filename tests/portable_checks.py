@@ -53,20 +53,28 @@ def retrain(model: Path, fold: str = "0") -> None:
 
 
 def plugin_logits(model: Path, images: Path, folds: tuple[int, ...] = (0,)) -> torch.Tensor:
-    """The plugin model's logits of the one test image (the mean over `folds`, as nnU-Net ensembles them), computed
-    independently with nnU-Net's predictor (the synthetic images need no crop and no resampling, so nnU-Net's
-    preprocessed grid is the image's)."""
+    """The plugin model's logits of the one test image in `images` (see `ensemble_logits`)."""
+    return ensemble_logits(model, [next(images.iterdir())], folds)[0]
+
+
+def ensemble_logits(model: Path, image_files: list[Path], folds: tuple[int, ...] = (0,),
+                    mirroring: bool = False) -> list[torch.Tensor]:
+    """A model's logits of single-channel images (the mean over `folds`, as nnU-Net ensembles them; with or without
+    test-time mirroring), float64, computed independently with nnU-Net's predictor (the synthetic images need no crop
+    and no resampling, so nnU-Net's preprocessed grid is the image's)."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
                                 perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(model), use_folds=folds, checkpoint_name="checkpoint_final.pth")
-    data, _, properties = DefaultPreprocessor(verbose=False).run_case(
-        [str(next(images.iterdir()))], None, predictor.plans_manager, predictor.configuration_manager,
-        predictor.dataset_json)
-    assert list(properties["bbox_used_for_cropping"]) == [[0, s] for s in data.shape[1:]], "needs an uncropped case"
-    return predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).double()
+    logits = []
+    for image in image_files:
+        data, _, properties = DefaultPreprocessor(verbose=False).run_case(
+            [str(image)], None, predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json)
+        assert list(properties["bbox_used_for_cropping"]) == [[0, s] for s in data.shape[1:]], "needs uncropped cases"
+        logits.append(predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).double())
+    return logits
 
 
 def interior(shape: tuple[int, ...], margin: int = 8) -> np.ndarray:

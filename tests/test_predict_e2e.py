@@ -1,12 +1,17 @@
 """`nnunet-margin predict` end to end on two folds of the session's shared short training: the real command next to
 the real `nnUNetv2_predict -f 0 1` (identical segmentations and probabilities), its maps against an independent
 computation from each fold's own probabilities (nnU-Net's predictor, one fold at a time), its per-case scores against
-a direct computation, its options, and the bad input it refuses before predicting anything."""
+a direct computation, its options, and the bad input it refuses before predicting anything; then failure detection:
+`nnunet-margin calibration` of its folders against a direct computation from uncertainty.csv and each case's Dice,
+and `nnunet-margin compare` of the ensemble, a single fold and a folder of nnUNetv2_predict."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
+import math
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +22,8 @@ import SimpleITK as sitk
 import torch
 
 from conftest import DATASET_ID
+from failure_checks import (aurc_by_orderings, auroc_by_pairs, confidences, excess_aurc_by_orderings,
+                            mean_foreground_dice)
 from nnunet_margin import cli
 from nnunet_margin.calibration.boundary import boundary_scope
 from nnunet_margin.nnunet import _seams
@@ -50,6 +57,10 @@ def interior(array: np.ndarray) -> np.ndarray:
     return array[(..., *[slice(BORDER, -BORDER)] * 3)]
 
 
+def run_cli(*arguments: str) -> int:
+    return cli.main(["predict", *arguments, "-device", "cpu", "-npp", "0", "-nps", "0"])
+
+
 @pytest.fixture(scope="module")
 def environment(shared_models):
     """The shared dataset's nnU-Net environment in this process too (for in-process runs of the command), with
@@ -66,8 +77,9 @@ def environment(shared_models):
 @pytest.fixture(scope="module")
 def predicted(shared_models, shared_test_predictions, environment, tmp_path_factory):
     """Folders: `margin` (nnunet-margin predict -f 0 1 with an export worker), `nnunet` (nnUNetv2_predict -f 0 1),
-    and each fold's own prediction: folds[0] nnUNetv2_predict -f 0 (the session's shared one), folds[1] nnU-Net's
-    predictor with fold 1 in this process; all --save_probabilities."""
+    `one_fold` (nnunet-margin predict -f 0 in this process, the model found by -d -c -tr), and each fold's own
+    prediction: folds[0] nnUNetv2_predict -f 0 (the session's shared one), folds[1] nnU-Net's predictor with fold 1
+    in this process; all --save_probabilities."""
     model = shared_models.model(TRAINER, ("0", "1"))
     images = environment.raw / "imagesTs"
     root = tmp_path_factory.mktemp("predict")
@@ -84,8 +96,11 @@ def predicted(shared_models, shared_test_predictions, environment, tmp_path_fact
     predictor.initialize_from_trained_model_folder(str(model), (1,), "checkpoint_final.pth")
     (root / "fold_1").mkdir()
     predictor.predict_from_files_sequential(str(images), str(root / "fold_1"), save_probabilities=True)
+    with contextlib.redirect_stdout(io.StringIO()) as one_fold_output:
+        assert run_cli("-i", str(images), "-o", str(root / "one_fold"), "-d", str(DATASET_ID), "-c", "3d_fullres",
+                       "-tr", TRAINER, "-f", "0", "--save_probabilities") == 0
     return {"root": root, "model": model, "images": images, "stdout": margin_run.stdout,
-            "folds": (shared_test_predictions, root / "fold_1")}
+            "one_fold_stdout": one_fold_output.getvalue(), "folds": (shared_test_predictions, root / "fold_1")}
 
 
 def test_segmentations_and_probabilities_are_nnunets_own(predicted):
@@ -166,15 +181,9 @@ def test_scores_equal_a_direct_computation(predicted):
         assert scores["uncertain_fraction"] == pytest.approx(uncertain.sum() / (uncertain | foreground).sum())
 
 
-def run_cli(*arguments: str) -> int:
-    return cli.main(["predict", *arguments, "-device", "cpu", "-npp", "0", "-nps", "0"])
-
-
-def test_one_fold_writes_entropy_only(predicted, tmp_path, capsys):
-    output = tmp_path / "one"
-    assert run_cli("-i", str(predicted["images"]), "-o", str(output), "-d", str(DATASET_ID), "-c", "3d_fullres",
-                   "-tr", TRAINER, "-f", "0") == 0  # the model found as nnUNetv2_predict finds it
-    assert "one member (fold_0)" in capsys.readouterr().out
+def test_one_fold_writes_entropy_only(predicted):
+    output = predicted["root"] / "one_fold"  # the model found as nnUNetv2_predict finds it (-d -c -tr)
+    assert "one member (fold_0)" in predicted["one_fold_stdout"]
     assert sorted(path.name for path in (output / "uncertainty_maps").iterdir()) == \
         sorted(f"{case}{suffix}" for case in CASES for suffix in (".json", "_entropy.nii.gz"))
     fold_0 = predicted["folds"][0]
@@ -282,3 +291,81 @@ def test_bad_input_is_refused_before_any_prediction(predicted, tmp_path, capsys,
     error = capsys.readouterr().err
     assert message in error and error.count("\n") <= 2, error
     assert not output.exists() and not (tmp_path / "predictions").exists()  # nothing predicted, nothing written
+
+
+# --- failure detection: `nnunet-margin calibration` and `compare` of the folders above -----------------------------
+
+COMPARED = ("ensemble", "fold_0", "nnUNetv2_predict")
+
+
+@pytest.fixture(scope="module")
+def calibrated(predicted, shared_test_predictions, environment):
+    """`nnunet-margin calibration` against labelsTs (in this process) of: the ensemble's folder (-f 0 1), the single
+    fold's (-f 0) and nnUNetv2_predict's fold 0 (no scores), each into calibration/NAME; `nnunet-margin compare` of
+    the three into compare/."""
+    root, labels = predicted["root"], environment.raw / "labelsTs"
+    printed = {}
+    for name, folder in zip(COMPARED, (root / "margin", root / "one_fold", shared_test_predictions)):
+        with contextlib.redirect_stdout(io.StringIO()) as output:
+            assert cli.main(["calibration", str(folder), str(labels), "-o", str(root / "calibration" / name)]) == 0
+        printed[name] = output.getvalue()
+    with contextlib.redirect_stdout(io.StringIO()) as output:
+        assert cli.main(["compare", *(f"{name}={root / 'calibration' / name}" for name in COMPARED), "-o",
+                         str(root / "compare")]) == 0
+    return {"calibration": root / "calibration", "labels": labels, "stdout": printed["ensemble"],
+            "compare": root / "compare", "compare_stdout": output.getvalue()}
+
+
+def test_calibration_relates_each_score_to_the_cases_dice(predicted, calibrated):
+    """The failure section against uncertainty.csv and each case's Dice counted from the segmentation and labelsTs:
+    AURC over every ordering of the cases, the AUROC by counting pairs."""
+    for name, folder, scores in (("ensemble", "margin", ("pairwise_dice", "mutual_information_foreground",
+                                                          "mutual_information_boundary", "entropy_foreground",
+                                                          "entropy_boundary", "uncertain_fraction")),
+                                 ("fold_0", "one_fold", ("entropy_foreground", "entropy_boundary",
+                                                         "uncertain_fraction"))):
+        prediction = predicted["root"] / folder
+        with open(prediction / "uncertainty.csv", newline="") as handle:
+            rows = {row["case"]: row for row in csv.DictReader(handle)}
+        section = json.loads((calibrated["calibration"] / name / "calibration.json").read_text())["failure_detection"]
+        dice = [mean_foreground_dice(read(prediction / f"{case}.nii.gz"), read(calibrated["labels"] / f"{case}.nii.gz"),
+                                     (1, 2, 3)) for case in CASES]
+        assert [section["dice"][case] for case in CASES] == pytest.approx(dice)
+        assert list(section["scores"]) == list(scores)
+        assert section["num_failed"] == sum(value < 0.5 for value in dice) and section["failure_dice"] == 0.5
+        risk = [1 - value for value in dice]
+        for score, entry in section["scores"].items():
+            values = [float(rows[case][score]) if rows[case][score] else math.nan for case in CASES]
+            confidence = confidences(values, entry["failure_when"])
+            assert entry["aurc"] == pytest.approx(aurc_by_orderings(confidence, risk))
+            assert entry["e_aurc"] == pytest.approx(excess_aurc_by_orderings(confidence, risk), abs=1e-12)
+            expected_auroc = auroc_by_pairs(confidence, dice, 0.5)
+            assert (entry["auroc"] is None) if math.isnan(expected_auroc) else entry["auroc"] == pytest.approx(
+                expected_auroc)
+        assert (calibrated["calibration"] / name / "risk_coverage.png").read_bytes()[:4] == b"\x89PNG"
+    assert "failure detection (2 cases" in calibrated["stdout"] and "risk_coverage.png" in calibrated["stdout"]
+    assert "  pairwise_dice (lower = more likely failed): AURC" in calibrated["stdout"]
+    plain = json.loads((calibrated["calibration"] / "nnUNetv2_predict" / "calibration.json").read_text())
+    assert "failure_detection" not in plain and not (calibrated["calibration"] / "nnUNetv2_predict" /
+                                                     "risk_coverage.png").exists()
+
+
+def test_compare_shows_each_methods_failure_detection(calibrated):
+    rows = {(row["score"], row["method"]): row
+            for row in csv.DictReader(io.StringIO((calibrated["compare"] / "failure_detection.csv").read_text()))}
+    for name in ("ensemble", "fold_0"):
+        section = json.loads((calibrated["calibration"] / name / "calibration.json").read_text())["failure_detection"]
+        for score, entry in section["scores"].items():
+            row = rows[score, name]
+            assert float(row["aurc_value"]) == pytest.approx(entry["aurc"])
+            assert float(row["e_aurc_value"]) == pytest.approx(entry["e_aurc"], abs=1e-12)
+            assert (row["auroc_value"] == "") if entry["auroc"] is None else float(row["auroc_value"]) == \
+                pytest.approx(entry["auroc"])
+            assert float(row["aurc_ci_low"]) <= float(row["aurc_ci_high"]) and row["n_cases"] == "2"
+            assert f"| {score} | {name} | " in calibrated["compare_stdout"]
+    assert rows["pairwise_dice", "fold_0"]["aurc_value"] == "" and rows["pairwise_dice", "nnUNetv2_predict"][
+        "n_cases"] == "0"
+    assert "- fold_0: no pairwise_dice, mutual_information_foreground" in calibrated["compare_stdout"]
+    assert "- nnUNetv2_predict: no confidence scores" in calibrated["compare_stdout"]
+    report = (calibrated["compare"] / "report.md").read_text()
+    assert "## Failure detection" in report and "### pairwise_dice (lower = more likely failed)" in report

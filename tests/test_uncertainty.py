@@ -1,19 +1,15 @@
-"""The ensemble uncertainty and failure-detection functions (docs/methods.md 8) against direct computations written
-here, hand-computed values on fixed numbers and scipy.stats.mannwhitneyu."""
+"""The ensemble uncertainty functions (docs/methods.md 8) against direct computations written here and hand-computed
+values on fixed numbers (failure detection: tests/test_failure_detection.py)."""
 
 from __future__ import annotations
 
-import itertools
 import math
 import pickle
 
 import numpy as np
 import pytest
 import torch
-from scipy.stats import mannwhitneyu
 
-from nnunet_margin.calibration.failure_detection import (aurc, case_risk, excess_aurc, failure_auroc, optimal_aurc,
-                                                         plot_risk_coverage, risk_coverage_curve)
 from nnunet_margin.calibration.uncertainty import (UNCERTAIN_ENTROPY, MemberStatistics, PairwiseDice, case_scores,
                                                    entropy, member_std, most_foreground_slice, mutual_information,
                                                    pairwise_dice, plot_case_review)
@@ -168,62 +164,3 @@ def test_review_figure_is_written(tmp_path):
     plot_case_review(np.random.default_rng(0).normal(size=(10, 10)), segmentation[2], np.zeros((10, 10)), "case",
                      path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and [p.name for p in tmp_path.iterdir()] == ["case.png"]
-
-
-# --- failure detection ----------------------------------------------------------------------------------------
-
-CONFIDENCE = [0.9, 0.8, 0.7, 0.6]
-RISK = [0.1, 0.4, 0.2, 0.5]
-
-
-def test_aurc_and_excess_aurc_by_hand():
-    coverage, selective = risk_coverage_curve(CONFIDENCE, RISK)
-    np.testing.assert_allclose(coverage, [0.25, 0.5, 0.75, 1.0])
-    np.testing.assert_allclose(selective, [0.1, 0.25, 0.7 / 3, 0.3])
-    assert aurc(CONFIDENCE, RISK) == pytest.approx((0.1 + 0.25 + 0.7 / 3 + 0.3) / 4)  # 0.2208333
-    # best ranking: risks 0.1, 0.2, 0.4, 0.5 -> selective risks 0.1, 0.15, 0.7 / 3, 0.3
-    assert optimal_aurc(RISK) == pytest.approx((0.1 + 0.15 + 0.7 / 3 + 0.3) / 4)  # 0.1958333
-    assert excess_aurc(CONFIDENCE, RISK) == pytest.approx(0.025)
-
-
-def test_a_perfect_ranking_has_zero_excess_aurc_and_the_worst_the_largest():
-    risk = np.random.default_rng(1).uniform(0, 1, 30)
-    assert excess_aurc(-risk, risk) == 0.0
-    assert excess_aurc(1 - risk, risk) == 0.0  # any decreasing function of the risk
-    random_rankings = [excess_aurc(np.random.default_rng(seed).uniform(size=30), risk) for seed in range(100, 120)]
-    assert min(random_rankings) > 0 and excess_aurc(risk, risk) > max(random_rankings)  # riskiest first: the worst
-
-
-def test_tied_confidences_give_the_mean_over_their_orderings():
-    confidence = np.array([0.9, 0.5, 0.5, 0.5, 0.1])
-    risk = np.array([0.0, 0.2, 0.9, 0.4, 1.0])
-    expected = np.mean([aurc(confidence + 1e-6 * np.array([0, *order, 0]), risk)
-                        for order in itertools.permutations([3, 2, 1])], axis=0)
-    assert aurc(confidence, risk) == pytest.approx(expected)
-    # all cases tied: every coverage has the overall mean risk
-    np.testing.assert_allclose(risk_coverage_curve(np.zeros(5), risk)[1], risk.mean())
-
-
-def test_failure_auroc_equals_mann_whitney_u_and_a_hand_value():
-    dice = 1 - np.array(RISK)  # 0.9, 0.6, 0.8, 0.5
-    # failed (Dice < 0.65): cases 2 and 4, uncertainties -0.8, -0.6 against -0.9, -0.7: 3 of 4 pairs ranked right
-    assert failure_auroc(CONFIDENCE, dice, 0.65) == pytest.approx(0.75)
-    rng = np.random.default_rng(2)
-    confidence = np.round(rng.uniform(size=40), 1)  # with ties
-    dice = rng.uniform(size=40)
-    failed = dice < 0.5
-    u = mannwhitneyu(-confidence[failed], -confidence[~failed]).statistic
-    assert failure_auroc(confidence, dice) == pytest.approx(u / (failed.sum() * (~failed).sum()))
-    assert math.isnan(failure_auroc(confidence, np.ones(40)))  # no failure to detect
-
-
-def test_case_risk_and_input_checks(tmp_path):
-    assert case_risk([0.8, float("nan"), 0.6]) == pytest.approx(0.3)
-    assert case_risk([float("nan")]) == 0.0
-    with pytest.raises(ValueError, match="finite"):
-        aurc([0.5, float("nan")], [0.1, 0.2])
-    with pytest.raises(ValueError, match="one value per case"):
-        aurc([0.5], [0.1, 0.2])
-    path = tmp_path / "risk_coverage.png"
-    plot_risk_coverage({"pairwise Dice": CONFIDENCE, "entropy": [-0.1, -0.3, -0.2, -0.4]}, RISK, path)
-    assert path.read_bytes()[:4] == b"\x89PNG"

@@ -32,6 +32,11 @@ from .surface import checked_spacing
 UNCERTAIN_ENTROPY = 0.5
 # The boundary band: voxels within this distance (mm) of a class boundary of the predicted segmentation.
 BOUNDARY_BAND_MM = 3.0
+# The case scores that rank cases for failure detection (docs/methods.md 8), each with the direction in which it means
+# "more likely failed"; the volumes describe the segmentation and rank nothing.
+FAILURE_SCORES = {"pairwise_dice": "lower", "mutual_information_foreground": "higher",
+                  "mutual_information_boundary": "higher", "entropy_foreground": "higher", "entropy_boundary": "higher",
+                  "uncertain_fraction": "higher"}
 
 
 def entropy(probabilities: torch.Tensor) -> torch.Tensor:

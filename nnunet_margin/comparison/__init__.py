@@ -4,6 +4,8 @@
 deviations, ranks and their sum, bootstrap confidence intervals and paired Wilcoxon tests against a baseline
 (`statistics.py`), and `repeats_as_cases` the same over repeated runs; `markdown_table`, `markdown_report`,
 `latex_table` and `csv_table` render a `Comparison` (`tables.py`), `plot_comparison` draws it (`figure.py`).
+Failure detection, how well per-case confidence scores rank cases by their Dice: AURC, E-AURC and failure AUROC of
+one method (`failure_detection.py`) and of methods compared (`compare_failure_detection`, `failure_comparison.py`).
 
 Example::
 
@@ -12,6 +14,8 @@ Example::
     print(markdown_table(comparison))
 """
 
+from .failure_comparison import (FailureComparison, FailureScores, compare_failure_detection, failure_csv,
+                                 failure_report, failure_table)
 from .figure import plot_comparison
 from .scores import HIGHER, LOWER, METRIC_DIRECTIONS, METRIC_LABELS, CaseScores, metric_label
 from .statistics import (
@@ -34,11 +38,17 @@ __all__ = [
     "PAPER_RANK_METRICS",
     "CaseScores",
     "Comparison",
+    "FailureComparison",
+    "FailureScores",
     "PairedTest",
     "average_ranks",
     "bootstrap_mean_ci",
+    "compare_failure_detection",
     "compare_methods",
     "csv_table",
+    "failure_csv",
+    "failure_report",
+    "failure_table",
     "latex_escape",
     "latex_table",
     "markdown_report",

@@ -685,14 +685,15 @@ def _check_predictor() -> None:
 
 
 def unsupported_model(predictor) -> str | None:
-    """Why `nnunet-margin predict` cannot take this model (a cascade stage, region-based labels), or None."""
+    """Why nnunet-margin cannot run this model's ensemble (`predict`, `fit-calibration --fit-on images`): a cascade
+    stage, region-based labels; or None."""
     if predictor.configuration_manager.previous_stage_name is not None:
         return (f"the configuration is a cascade stage (it needs the segmentations of "
-                f"{predictor.configuration_manager.previous_stage_name}); predict it with nnUNetv2_predict "
-                f"-prev_stage_predictions")
+                f"{predictor.configuration_manager.previous_stage_name}), which nnunet-margin does not run; predict "
+                f"it with nnUNetv2_predict -prev_stage_predictions")
     if predictor.label_manager.has_regions:
-        return ("the model is region-based (sigmoid outputs): the entropy and member maps are defined for one "
-                "softmax over classes")
+        return ("the model is region-based (sigmoid outputs): uncertainty maps and calibration maps are defined for "
+                "one softmax over classes")
     return None
 
 

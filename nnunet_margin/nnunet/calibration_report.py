@@ -7,7 +7,8 @@ pooled accumulator state (so reports can be merged with `CalibrationStats.from_d
 summary.json where there is one; and under "coverage" the cases each metric family covers ("calibration",
 "segmentation", "nnunet_dice"), so that a metric computed over fewer cases never passes for one over all of them.
 Ground-truth cases left without a prediction (`nnunet-margin calibration --allow-missing`) are listed under
-"ground_truth_without_prediction". NaN is written as null.
+"ground_truth_without_prediction". A prediction folder of `nnunet-margin predict` adds the section
+"failure_detection" (`failure_report`). NaN is written as null.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 from ..calibration import CalibrationStats
 from ..calibration.boundary import DEFAULT_DISTANCE_MM
+from . import failure_report
 from .case_evaluation import SCOPES
 
 REPORT_FILE = "calibration.json"
@@ -27,7 +29,7 @@ PLOT_FILE = "reliability.png"
 SCALAR_METRICS = ("ece", "mce", "ace", "classwise_ece", "classwise_ace", "brier", "nll")
 # The metric families of "coverage" and how the summary names them.
 FAMILY_NAMES = {"calibration": "the calibration metrics", "segmentation": "Dice, HD95 and ASD",
-                "nnunet_dice": "nnU-Net's summary.json Dice"}
+                "nnunet_dice": "nnU-Net's summary.json Dice", "failure_detection": "the failure-detection metrics"}
 
 
 def json_value(value: Any) -> Any:
@@ -65,11 +67,12 @@ def _segmentation_means(per_case: list[dict[str, dict[str, float | None]]]) -> d
 
 def build_report(per_case: dict[str, dict[str, CalibrationStats]], class_names: list[str],
                  segmentation: dict[str, dict[str, dict[str, float]]] | None = None,
-                 nnunet_dice: dict[str, Any] | None = None, missing_predictions: Sequence[str] = ()
-                 ) -> dict[str, Any]:
+                 nnunet_dice: dict[str, Any] | None = None, missing_predictions: Sequence[str] = (),
+                 failure_detection: dict[str, Any] | None = None) -> dict[str, Any]:
     """The report (see the module docstring) of the cases' statistics per scope, their segmentation metrics
     ({case: `segmentation_metrics`}, for the cases that have a segmentation), nnU-Net's Dice
-    (`layout.read_summary_dice`) and the ground-truth cases that had no prediction."""
+    (`layout.read_summary_dice`), the ground-truth cases that had no prediction and the failure-detection section
+    (`failure_report.failure_section`)."""
     if not per_case:
         raise ValueError("no cases to report")
     scopes = list(next(iter(per_case.values())))
@@ -105,6 +108,9 @@ def build_report(per_case: dict[str, dict[str, CalibrationStats]], class_names: 
         report["coverage"]["nnunet_dice"] = list(nnunet_dice["cases"])
     if missing_predictions:
         report["ground_truth_without_prediction"] = sorted(missing_predictions)
+    if failure_detection is not None:
+        report[failure_report.SECTION] = failure_detection
+        report["coverage"]["failure_detection"] = sorted(failure_detection["dice"])
     return report
 
 
@@ -134,8 +140,8 @@ def coverage_warnings(report: dict[str, Any]) -> list[str]:
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
-    """One line per scope (the metrics' mean over cases) and per segmentation metric (its mean per class), then the
-    coverage warnings."""
+    """One line per scope (the metrics' mean over cases) and per segmentation metric (its mean per class), the
+    failure-detection metrics of each confidence score, then the coverage warnings."""
     lines = [f"{scope} (mean over {summary['mean_over_cases']['num_cases']} cases): "
              + ", ".join(f"{name} {_format(summary['mean_over_cases'][name], missing='n/a')}"
                          for name in SCALAR_METRICS)
@@ -143,6 +149,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     for metric, per_class in report["summary"].get("segmentation", {}).items():
         lines.append(f"{metric} per class (mean over cases): "
                      + ", ".join(f"{name} {_format(value, missing='n/a')}" for name, value in per_class.items()))
+    if failure_report.SECTION in report:
+        lines += failure_report.summary_lines(report[failure_report.SECTION])
     return lines + coverage_warnings(report)
 
 

@@ -16,7 +16,9 @@ reports; the segmentation metrics: the cases with a segmentation): otherwise the
 `compare` refuses, naming the methods and cases, unless `common_cases` restricts every method to the cases all of
 them have (the report then says which cases were left out). `nnunet_margin.comparison` turns the scores into
 means, standard deviations, ranks, bootstrap confidence intervals and Wilcoxon tests; `write_comparison` writes
-report.md, table.csv, table.tex and compare.png.
+report.md, table.csv, table.tex and compare.png. Reports with a failure-detection section (prediction folders of
+`nnunet-margin predict`) add the methods' failure detection per confidence score: a section of report.md and
+failure_detection.csv (`failure_comparison`); methods without scores show n/a there.
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ from typing import Any
 
 from .._atomic import atomic_path
 from ..calibration import CalibrationStats
-from ..comparison import (METRIC_DIRECTIONS, CaseScores, Comparison, compare_methods, csv_table, latex_table,
-                          markdown_report, markdown_table, plot_comparison)
+from ..comparison import (METRIC_DIRECTIONS, CaseScores, Comparison, FailureComparison, FailureScores,
+                          compare_failure_detection, compare_methods, csv_table, failure_csv, failure_report,
+                          failure_table, latex_table, markdown_report, markdown_table, plot_comparison)
 from .calibration_report import REPORT_FILE
+from .failure_report import read_failure_scores
 from .layout import VALIDATION_FOLDER, split_model_folder_name
 
 CALIBRATION_METRICS = ("ece", "classwise_ece", "ace", "classwise_ace", "mce", "brier", "nll")
@@ -45,6 +49,7 @@ FAMILIES = {"calibration": "cases", "segmentation": "cases with segmentation met
 # The columns of the printed table (all metrics go to table.csv).
 TABLE_METRICS = ("dice", "hd95", "asd", "ece", "classwise_ece", "ace", "classwise_ace", "boundary_ece",
                  "boundary_classwise_ece", "brier", "nll")
+FAILURE_CSV = "failure_detection.csv"
 
 PathLike = str | os.PathLike
 
@@ -59,6 +64,7 @@ class MethodReports:
     cases: dict[str, set[str]] = field(default_factory=lambda: {family: set() for family in FAMILIES})
     left_out: dict[str, list[str]] = field(default_factory=dict)  # family -> cases dropped by `common_cases`
     pooled: CalibrationStats | None = None  # foreground scope, for the reliability curves
+    failure: FailureScores | None = None  # None unless every report has a failure-detection section
 
 
 def find_reports(folder: Path) -> list[Path]:
@@ -172,7 +178,7 @@ def load_method(argument: str) -> MethodReports:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder: pass a model, fold, validation or prediction folder")
     method = MethodReports(name if separator else method_name(folder), find_reports(folder))
-    pooled = []
+    pooled, failure = [], []
     for path in method.reports:
         report = read_report(path)
         overlap = set(method.scores) & set(report["metric_per_case"])
@@ -184,7 +190,9 @@ def load_method(argument: str) -> MethodReports:
         method.cases["segmentation"].update(case for case, entry in report["metric_per_case"].items()
                                             if entry.get("segmentation"))
         pooled.append(_pooled_foreground(path, report))
+        failure.append(read_failure_scores(path, report))
     method.pooled = reduce(add, pooled) if pooled and None not in pooled else None
+    method.failure = FailureScores.combined(failure) if None not in failure else None
     return method
 
 
@@ -207,7 +215,8 @@ def case_set_differences(methods: list[MethodReports]) -> list[str]:
 
 def restrict_to_common_cases(methods: list[MethodReports]) -> None:
     """Drop from every method the cases (per metric family) that not all methods have, recording them in
-    `left_out`; a method that lost cases loses its reliability curve (it pools every case of its reports)."""
+    `left_out`; a method that lost cases loses its reliability curve (it pools every case of its reports), and its
+    failure detection is recomputed on the cases kept."""
     for family in FAMILIES:
         if family == "segmentation":
             for method in methods:
@@ -219,6 +228,8 @@ def restrict_to_common_cases(methods: list[MethodReports]) -> None:
                 continue
             method.left_out[family] = dropped
             method.cases[family] = set(common)
+            if family == "calibration" and method.failure is not None:
+                method.failure = method.failure.restricted(common)
             for case in dropped:
                 if family == "calibration":
                     del method.scores[case]
@@ -279,19 +290,34 @@ def table_metrics(comparison: Comparison) -> list[str]:
     return [metric for metric in TABLE_METRICS if metric in comparison.metrics]
 
 
+def failure_comparison(methods: list[MethodReports], n_resamples: int | None = None) -> FailureComparison | None:
+    """The methods' failure detection (None if no method has scores); `n_resamples` 0 leaves out the intervals."""
+    if all(method.failure is None for method in methods):
+        return None
+    options = {} if n_resamples is None else {"n_resamples": n_resamples}
+    return compare_failure_detection({method.name: method.failure for method in methods}, **options)
+
+
 def write_comparison(comparison: Comparison, methods: list[MethodReports], output_folder: PathLike,
                      preamble: str = "") -> None:
     """report.md (tables with their sources, and the cases left out by --common-cases), table.csv (every metric),
-    table.tex and compare.png, atomically."""
+    table.tex and compare.png, and where methods have confidence scores the failure-detection section of report.md
+    and failure_detection.csv (removed when none has), atomically."""
     output_folder = Path(output_folder)
     sources = "\n".join(f"- {method.name}: " + ", ".join(str(path) for path in method.reports) for method in methods)
     note = common_cases_note(methods)
     head = preamble + (f"{note}\n\n" if note else "")
+    failure = failure_comparison(methods)
     files = {
-        "report.md": f"{head}{markdown_report(comparison)}\nSources:\n{sources}\n",
+        "report.md": f"{head}{markdown_report(comparison)}\n"
+                     + ("" if failure is None else f"{failure_report(failure)}\n") + f"Sources:\n{sources}\n",
         "table.csv": csv_table(comparison),
         "table.tex": latex_table(comparison, table_metrics(comparison)),
     }
+    if failure is None:
+        (output_folder / FAILURE_CSV).unlink(missing_ok=True)
+    else:
+        files[FAILURE_CSV] = failure_csv(failure)
     for name, content in files.items():
         with atomic_path(output_folder / name) as temporary:
             temporary.write_text(content)
@@ -302,3 +328,10 @@ def write_comparison(comparison: Comparison, methods: list[MethodReports], outpu
 
 def printed_table(comparison: Comparison) -> str:
     return markdown_table(comparison, table_metrics(comparison))
+
+
+def printed_failure_table(methods: list[MethodReports]) -> str:
+    """The methods' failure detection as one table without intervals ("" if no method has scores)."""
+    failure = failure_comparison(methods, n_resamples=0)
+    return "" if failure is None else (f"Failure detection (risk = 1 - mean foreground Dice; failed: Dice < "
+                                       f"{failure.failure_dice:g}; rank in parentheses):\n" + failure_table(failure))

@@ -40,12 +40,14 @@ def crop_to_preprocessing_frame(array: np.ndarray, box: CropBox, transpose_forwa
     return cropped
 
 
-def geometry_differences(prediction_properties: dict[str, Any], reference_properties: dict[str, Any]) -> list[str]:
-    """How the image geometry of a prediction (the properties nnU-Net exported with it) differs from its reference's
-    (the properties of nnU-Net's reader of the ground truth), beyond nnU-Net's own tolerance: one text per quantity
-    (spacing, and origin and direction or the affine where the reader keeps them), empty if they agree."""
+def geometry_differences(prediction_properties: dict[str, Any], reference_properties: dict[str, Any],
+                         compared: str = "prediction") -> list[str]:
+    """How the image geometry of a prediction (the properties nnU-Net exported with it; or of another `compared`
+    file, e.g. an image) differs from its reference's (the properties of nnU-Net's reader of the ground truth), beyond
+    nnU-Net's own tolerance: one text per quantity (spacing, and origin and direction or the affine where the reader
+    keeps them), empty if they agree."""
     prediction, reference = image_geometry(prediction_properties), image_geometry(reference_properties)
-    return [f"{name} {_text(reference[name])} (prediction: {_text(prediction[name])})"
+    return [f"{name} {_text(reference[name])} ({compared}: {_text(prediction[name])})"
             for name in prediction if name in reference and not _seams.same_geometry(prediction[name], reference[name])]
 
 

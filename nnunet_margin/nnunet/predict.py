@@ -18,7 +18,7 @@ import multiprocessing
 import os
 import tempfile
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -127,6 +127,17 @@ def torch_device(name: str) -> torch.device:
     if name == "mps":
         return torch.device("mps")
     raise ValueError(f"-device must be cpu, cuda or mps, got {name!r}")
+
+
+def load_ensemble(model_folder: Path, folds: Sequence[str], checkpoint: str, device: str, mirroring: bool):
+    """nnU-Net's predictor of the folds' ensemble, set up as nnUNetv2_predict sets it up on `device` (with
+    test-time mirroring if `mirroring`); refused for a model that needs more than its images (a cascade stage) or
+    has no softmax over classes (region-based labels)."""
+    predictor = _seams.load_predictor(model_folder, folds, checkpoint, torch_device(device), mirroring)
+    problem = _seams.unsupported_model(predictor)
+    if problem is not None:
+        raise ValueError(f"{model_folder}: {problem}")
+    return predictor
 
 
 def member_names(predictor, folds: tuple[str, ...], tta_members: bool) -> list[str]:
@@ -353,11 +364,7 @@ def predict_folder(request: PredictionRequest, report: Callable[[str], None] = p
     """Predict every case of the input folder (those not yet finished with --continue_prediction); write the
     summary files; return {case: scores} of every input case."""
     model = check_request(request)
-    predictor = _seams.load_predictor(model.folder, request.folds, request.checkpoint, torch_device(request.device),
-                                      not request.disable_tta)
-    problem = _seams.unsupported_model(predictor)
-    if problem is not None:
-        raise ValueError(f"{model.folder}: {problem}")
+    predictor = load_ensemble(model.folder, request.folds, request.checkpoint, request.device, not request.disable_tta)
     members = member_names(predictor, request.folds, request.tta_members)
     maps = chosen_maps(request.maps, members, request.tta_members)
     if request.average == "probabilities" and not _seams.keeps_image_geometry(predictor.configuration_manager):

@@ -7,7 +7,9 @@ ground truths (CASE<file_ending>). Before anything is evaluated, every predicted
 every expected ground-truth case its prediction (the fold's validation cases for a fold's validation folder against
 nnUNet_preprocessed/DATASET/gt_segmentations, else every case of the ground-truth folder). Each case's ground truth
 must lie on the prediction's image grid: shape, and spacing, origin and direction (or affine) within nnU-Net's own
-tolerance. The report is `calibration_report.build_report`'s; both files are written atomically.
+tolerance. The report is `calibration_report.build_report`'s; both files are written atomically. A folder written by
+`nnunet-margin predict` (with its per-case confidence scores, uncertainty.json) also gets the report's failure-detection
+section and risk_coverage.png (`failure_report`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import numpy as np
 
 from .._atomic import atomic_path
 from ..calibration import CalibrationStats, plot_reliability_diagram
-from . import _seams, layout
+from ..comparison.failure_detection import DEFAULT_FAILURE_DICE, check_failure_dice
+from . import _seams, failure_report, layout
 from .calibration_report import PLOT_FILE, REPORT_FILE, build_report
 from .case_evaluation import evaluate_case, segmentation_metrics
 from .geometry import crop_mask, geometry_differences
@@ -34,11 +37,12 @@ PathLike = str | os.PathLike
 def write_calibration_report(per_case: dict[str, dict[str, CalibrationStats]], output_folder: PathLike,
                              class_names: list[str],
                              segmentation: dict[str, dict[str, dict[str, float]]] | None = None,
-                             nnunet_dice: dict[str, Any] | None = None, missing_predictions: list[str] = ()
-                             ) -> dict[str, Any]:
-    """Write `calibration.json` (`build_report` of the arguments) and `reliability.png` (foreground scope, pooled)
-    into output_folder, atomically; returns the report."""
-    report = build_report(per_case, class_names, segmentation, nnunet_dice, missing_predictions)
+                             nnunet_dice: dict[str, Any] | None = None, missing_predictions: list[str] = (),
+                             failure_detection: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write `calibration.json` (`build_report` of the arguments), `reliability.png` (foreground scope, pooled) and
+    with a failure-detection section `risk_coverage.png` (else remove one) into output_folder, atomically; returns
+    the report."""
+    report = build_report(per_case, class_names, segmentation, nnunet_dice, missing_predictions, failure_detection)
     output_folder = Path(output_folder)
     with atomic_path(output_folder / REPORT_FILE) as temporary, open(temporary, "w") as handle:
         json.dump(report, handle, indent=2, allow_nan=False)
@@ -46,6 +50,10 @@ def write_calibration_report(per_case: dict[str, dict[str, CalibrationStats]], o
         plot_reliability_diagram(CalibrationStats.from_dict(report["pooled_state"]["foreground"]),
                                  output_folder / PLOT_FILE, class_names,
                                  title=f"Foreground, {len(per_case)} cases pooled")
+    if failure_detection is None:  # a figure of an earlier report of other predictions would pass for this one's
+        (output_folder / failure_report.FIGURE_FILE).unlink(missing_ok=True)
+    else:
+        failure_report.write_risk_coverage(failure_detection, output_folder)
     return report
 
 
@@ -129,6 +137,15 @@ def read_ground_truth(gt_file: Path, info: DatasetInfo) -> tuple[np.ndarray, dic
     return segmentation[0], properties
 
 
+def check_label_values(segmentation: np.ndarray, gt_file: Path, info: DatasetInfo) -> None:
+    """Refuse a ground truth holding values that are not labels of dataset.json."""
+    unknown = np.setdiff1d(np.unique(segmentation), info.label_values)
+    if unknown.size:
+        values = ", ".join(f"{value:g}" for value in unknown)
+        raise ValueError(f"ground truth {gt_file} holds values {values} that are not labels of dataset.json "
+                         f"({info.label_values}); is the GT folder the one of this dataset?")
+
+
 def load_case_files(npz_file: Path, pkl_file: Path, gt_file: Path, info: DatasetInfo) -> LoadedCase:
     """Probabilities, integer ground truth and crop mask of one exported case, with both properties, checked against
     each other and dataset.json."""
@@ -141,11 +158,7 @@ def load_case_files(npz_file: Path, pkl_file: Path, gt_file: Path, info: Dataset
     if probabilities.shape[1:] != segmentation.shape:
         raise ValueError(f"probabilities shape {probabilities.shape} of {npz_file} does not match ground truth shape "
                          f"{segmentation.shape} of {gt_file}: is the GT folder the one of this dataset?")
-    unknown = np.setdiff1d(np.unique(segmentation), info.label_values)
-    if unknown.size:
-        values = ", ".join(f"{value:g}" for value in unknown)
-        raise ValueError(f"ground truth {gt_file} holds values {values} that are not labels of dataset.json "
-                         f"({info.label_values}); is the GT folder the one of this dataset?")
+    check_label_values(segmentation, gt_file, info)
     try:
         mask = crop_mask(layout.CropBox.from_properties(properties), info.transpose_backward)
     except ValueError as error:
@@ -190,24 +203,29 @@ def expected_cases(pred_folder: Path, gt_folder: Path, gt_cases: list[str]) -> t
 
 
 def calibrate_prediction_folder(pred_folder: PathLike, gt_folder: PathLike, output_folder: PathLike | None = None,
-                                num_processes: int = 1, allow_missing: bool = False) -> dict[str, Any]:
+                                num_processes: int = 1, allow_missing: bool = False,
+                                failure_dice: float = DEFAULT_FAILURE_DICE) -> dict[str, Any]:
     """Evaluate every case of pred_folder against gt_folder/CASE<file_ending> and write the report
-    (calibration.json, reliability.png) into output_folder (default: pred_folder); returns the report.
+    (calibration.json, reliability.png; risk_coverage.png for a folder of `nnunet-margin predict`) into output_folder
+    (default: pred_folder); returns the report.
 
     dataset.json and plans.json are taken from pred_folder (or, for a validation folder, the model folder above it)
     for the file ending, labels, reader and transpose. Each case's segmentation gives Dice, HD95 and ASD;
     pred_folder/summary.json, if present, adds nnU-Net's Dice. Expected ground-truth cases without a prediction are
-    refused, or with `allow_missing` listed in the report (see the module docstring).
+    refused, or with `allow_missing` listed in the report (see the module docstring). With uncertainty.json, cases
+    whose mean foreground Dice is below `failure_dice` count as failed.
     """
+    check_failure_dice(failure_dice)
     pred_folder, gt_folder = Path(pred_folder), Path(gt_folder)
     for folder, role in ((pred_folder, "prediction"), (gt_folder, "ground truth")):
         if not folder.is_dir():
             raise FileNotFoundError(f"{role} folder {folder} does not exist")
     cases = layout.probability_cases(pred_folder)
+    scores = failure_report.read_prediction_scores(pred_folder)
     if not cases:
         raise FileNotFoundError(f"no {layout.PROBABILITIES_SUFFIX} probability files in {pred_folder}: run "
-                                f"nnUNetv2_predict with --save_probabilities (for validation: nnUNetv2_train ... --val "
-                                f"--npz)")
+                                f"{'nnunet-margin predict' if scores else 'nnUNetv2_predict'} with "
+                                f"--save_probabilities (for validation: nnUNetv2_train ... --val --npz)")
     info = load_dataset_info(pred_folder)
     expected, which = expected_cases(pred_folder, gt_folder, layout.cases_with_suffix(gt_folder, info.file_ending))
     missing = sorted(set(expected) - set(cases))
@@ -228,6 +246,9 @@ def calibrate_prediction_folder(pred_folder: PathLike, gt_folder: PathLike, outp
                                     f"segmentations (labelsTr/labelsTs, or nnUNet_preprocessed/DatasetXXX/"
                                     f"gt_segmentations for validation)")
         jobs.append((files, gt_file, info))
+    if scores is not None:
+        failure_report.check_scored_cases(scores, {files.case: files.segmentation for files, _, _ in jobs},
+                                          pred_folder)
 
     if num_processes > 1 and len(jobs) > 1:
         with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
@@ -238,6 +259,8 @@ def calibrate_prediction_folder(pred_folder: PathLike, gt_folder: PathLike, outp
     summary_file = pred_folder / layout.SUMMARY_FILE
     nnunet_dice = layout.read_summary_dice(summary_file, info.class_names, info.file_ending) \
         if summary_file.is_file() else None
+    failure = None if scores is None else failure_report.failure_section(scores, segmentation, failure_dice,
+                                                                         pred_folder)
     return write_calibration_report({case: stats for case, (stats, _) in zip(cases, results)},
                                     output_folder or pred_folder, info.class_names, segmentation, nnunet_dice,
-                                    missing)
+                                    missing, failure)

@@ -6,7 +6,9 @@ crop box (scope "crop"): fitted on foreground voxels alone they would never see 
 metrics are reported in both scopes. What the sample holds is the fit's scope (`--fit-on`, docs/methods.md 6):
 - "fold": each fold's own sample (its validation cases), one map per fold;
 - "pooled": the chosen folds' samples merged (`LogitSample.merge`: their union while it holds at most the samples'
-  2 million voxels, else a uniform subsample of it), one map folded identically into every one of those folds.
+  2 million voxels, else a uniform subsample of it), one map folded identically into every one of those folds;
+- "images": the sample of the chosen folds' ensemble's own logits of a held-out calibration set (`images`), one map
+  folded identically into every one of those folds.
 The record goes to fold_X/calibration_map.json (`maps`); `nnunet-margin export-portable --calibration` folds it into
 the network's last layer.
 """
@@ -14,8 +16,10 @@ the network's last layer.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import shlex
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,8 +27,10 @@ import torch
 from ...calibration.affine import fit_affine_calibration, logit_calibration_metrics
 from ...calibration.logit_sample import LabelledLogits, LogitSample
 from ..calibration_report import json_value
-from ..layout import TrainedModel, fold_of
-from ..prediction_folder import load_dataset_info
+from ..layout import DATASET_FILE, FINAL_CHECKPOINT, TrainedModel, fold_of
+from ..prediction_folder import DatasetInfo, load_dataset_info
+from ..provenance import file_sha256
+from .images import ImagesRequest, check_calibration_set, ensemble_sample
 from .maps import FIT_ON, FORMAT_VERSION, FitScope, write_map
 from .samples import FoldSample, fold_sample
 
@@ -83,11 +89,20 @@ def _samples_fitted_on(samples: list[FoldSample]) -> dict[str, Any]:
     return {"logit_samples": [str(item.path.relative_to(item.fold_folder.parent)) for item in samples]}
 
 
-def fit_model_calibration(model_folder, method: str, folds=None, scope: str = "crop",
-                          held_out_fraction: float = 0.2, revalidate_first: bool = False,
-                          device: str | None = None, fit_on: str = "fold") -> dict[str, dict[str, Any]]:
-    """Fit and record the calibration map of each chosen fold (see the module docstring); returns {fold folder:
-    record} (with `fit_on` "pooled", every fold's record is the one shared map)."""
+def _images_sample(model: TrainedModel, fold_folders: list[Path], images: ImagesRequest, device: str,
+                   info: DatasetInfo) -> tuple[LogitSample, dict[str, str], dict[str, Any]]:
+    """The sample of the ensemble's logits of the checked calibration set, the SHA-256 of each fold's checkpoint
+    it comes from, and what the record says it was fitted on."""
+    dataset_json = json.loads((model.folder / DATASET_FILE).read_text())
+    calibration_set = check_calibration_set(model, fold_folders, images, dataset_json, info)
+    checkpoints = {folder.name: file_sha256(folder / FINAL_CHECKPOINT) for folder in fold_folders}
+    sample = ensemble_sample(model, fold_folders, calibration_set, images, device, info)
+    return sample, checkpoints, calibration_set.record(fold_folders, images.mirroring)
+
+
+def _check_options(method: str, scope: str, fit_on: str, images: ImagesRequest | None,
+                   revalidate_first: bool) -> None:
+    """Refuse options that do not go together, before anything is read."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if fit_on not in FIT_ON:
@@ -96,31 +111,56 @@ def fit_model_calibration(model_folder, method: str, folds=None, scope: str = "c
         raise ValueError(f"{method} scaling fitted on foreground voxels never sees a background label, so it drives "
                          f"the background logit down everywhere; fit it with --scope crop (the default), which the "
                          f"held-out metrics also report in the foreground scope")
+    if fit_on == "images" and (images is None or images.images is None or images.labels is None):
+        raise ValueError("--fit-on images fits the map on the ensemble's predictions of a held-out calibration set: "
+                         "pass its images and labels with --images DIR --labels DIR")
+    if fit_on != "images" and images is not None:
+        raise ValueError(f"--images, --labels and --disable_tta give the calibration set of --fit-on images, but "
+                         f"--fit-on {fit_on} fits on the folds' validation logit samples: add --fit-on images, or "
+                         f"drop those options")
+    if fit_on == "images" and revalidate_first:
+        raise ValueError("--revalidate runs the folds' validation again for the logit samples of --fit-on fold and "
+                         "pooled; --fit-on images predicts the calibration set instead: drop --revalidate")
+
+
+def fit_model_calibration(model_folder, method: str, folds=None, scope: str = "crop",
+                          held_out_fraction: float = 0.2, revalidate_first: bool = False,
+                          device: str | None = None, fit_on: str = "fold", images: ImagesRequest | None = None
+                          ) -> dict[str, dict[str, Any]]:
+    """Fit and record the calibration map of each chosen fold (see the module docstring); returns {fold folder:
+    record} (with `fit_on` "pooled" or "images", every fold's record is the one shared map). `images` gives the
+    calibration set of `fit_on` "images"."""
+    _check_options(method, scope, fit_on, images, revalidate_first)
     model = TrainedModel.load(model_folder)
     fold_folders = model.fold_folders(folds)
     if fit_on == "pooled" and len(fold_folders) < 2:
         raise ValueError(f"--fit-on pooled fits one map on several folds' validation cases, but only "
                          f"{fold_folders[0].name} was chosen: choose the folds you deploy (-f 0 1 2 3 4, or no -f for "
                          f"every trained fold), or fit this fold alone with --fit-on fold")
-    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    class_names = load_dataset_info(model.folder).class_names
-    rerun = ["nnunet-margin", "fit-calibration", str(model.folder), "-f", *map(fold_of, fold_folders), "--method",
-             method, "--scope", scope, "--fit-on", fit_on, "--revalidate"]
-    samples = [fold_sample(model, fold_folder, revalidate_first, torch_device, class_names, shlex.join(rerun))
-               for fold_folder in fold_folders]
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    info = load_dataset_info(model.folder)
+    class_names = info.class_names
     fit = functools.partial(fit_record, method=method, scope=scope, held_out_fraction=held_out_fraction,
                             class_names=class_names)
-    records = {}
-    if fit_on == "fold":
-        for item in samples:
-            record = fit(item.sample, fit_scope=FitScope("fold", {item.fold_folder.name: item.checkpoint_sha256}),
-                         fitted_on=_samples_fitted_on([item]))
-            write_map([item.fold_folder], record)
-            records[item.fold_folder.name] = record
-        return records
-    pooled = functools.reduce(LogitSample.merge, [item.sample for item in samples])
-    fit_scope = FitScope(fit_on, {item.fold_folder.name: item.checkpoint_sha256 for item in samples})
-    record = fit(pooled, fit_scope=fit_scope, fitted_on=_samples_fitted_on(samples))
+    if fit_on == "images":
+        sample, checkpoints, fitted_on = _images_sample(model, fold_folders, images, device, info)
+    else:
+        rerun = ["nnunet-margin", "fit-calibration", str(model.folder), "-f", *map(fold_of, fold_folders),
+                 "--method", method, "--scope", scope, "--fit-on", fit_on, "--revalidate"]
+        samples = [fold_sample(model, fold_folder, revalidate_first, torch.device(device), class_names,
+                               shlex.join(rerun)) for fold_folder in fold_folders]
+        if fit_on == "fold":
+            records = {}
+            for item in samples:
+                fit_scope = FitScope("fold", {item.fold_folder.name: item.checkpoint_sha256})
+                record = fit(item.sample, fit_scope=fit_scope, fitted_on=_samples_fitted_on([item]))
+                write_map([item.fold_folder], record)
+                records[item.fold_folder.name] = record
+            return records
+        sample = functools.reduce(LogitSample.merge, [item.sample for item in samples])
+        checkpoints = {item.fold_folder.name: item.checkpoint_sha256 for item in samples}
+        fitted_on = _samples_fitted_on(samples)
+    record = fit(sample, fit_scope=FitScope(fit_on, checkpoints), fitted_on=fitted_on)
     write_map(fold_folders, record)
     return {fold_folder.name: record for fold_folder in fold_folders}
 
@@ -130,21 +170,28 @@ def _before_after(before: float | None, after: float | None) -> str:
                        for value in (before, after))
 
 
+def fitted_on_text(record: dict[str, Any]) -> str:
+    """The data a record was fitted on, in a few words: the calibration set, or the folds' validation cases."""
+    fitted_on = record["fitted_on"]
+    if record["fit_on"] != "images":
+        return "validation cases (" + ", ".join(fitted_on["logit_samples"]) + ")"
+    mirroring = "with" if fitted_on["mirroring"] else "without"
+    return (f"{len(fitted_on['cases'])} case(s) of {fitted_on['images']}, labels {fitted_on['labels']}, predicted "
+            f"{mirroring} test-time mirroring")
+
+
 def calibration_table(records: dict[str, dict[str, Any]]) -> str:
     """Markdown table: per map (a fold's, or one shared by several folds) and scope of the held-out voxels, each
-    metric before -> after."""
+    metric before -> after; then a line per map saying what it was fitted on."""
     columns = ["folds", "method", "fit on", "fitted scope", "held-out scope", "voxels", *REPORTED_METRICS.values()]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    shown = set()
-    for record in records.values():
-        folds = ", ".join(record["checkpoints"])
-        if folds in shown:
-            continue
-        shown.add(folds)
+    maps = {", ".join(record["checkpoints"]): record for record in records.values()}  # a shared map once
+    for folds, record in maps.items():
         for scope, measured in record["held_out"].items():
             cells = [folds, record["method"], record["fit_on"], record["scope"], scope,
                      str(measured["num_voxels"])]
             cells += [_before_after(measured["before"][name], measured["after"][name]) for name in REPORTED_METRICS]
             lines.append("| " + " | ".join(cells) + " |")
+    lines += [f"{folds}: fitted on {fitted_on_text(record)}" for folds, record in maps.items()]
     return "\n".join(lines) + "\n"
 

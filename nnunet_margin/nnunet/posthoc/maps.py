@@ -5,8 +5,8 @@ calibrates (docs/methods.md 6):
 - "fold": the fold's own network, fitted on its validation cases; the record names that fold's checkpoint;
 - "pooled": one map fitted on the out-of-fold samples of several folds and folded identically into each of them;
   every one of those folds holds the same record, naming all their checkpoints;
-- "images" (with the ensemble predictor, to come): one map fitted on the fold ensemble's logits of a calibration
-  set, recorded like "pooled" with the calibration set in `fitted_on`.
+- "images": one map fitted on the fold ensemble's own logits of a held-out calibration set, recorded like "pooled",
+  with the calibration set (folders, cases, a fingerprint of its files) and the ensemble's mirroring in `fitted_on`.
 
 A record names the SHA-256 of each checkpoint_final.pth it was fitted for (`checkpoints`); `calibrations_for_export`
 refuses maps of a changed checkpoint, maps of different scopes in one export, a shared map exported with other folds
@@ -30,7 +30,7 @@ from ..provenance import file_sha256
 
 CALIBRATION_MAP_FILE = "calibration_map.json"
 FORMAT_VERSION = 2
-FIT_ON = ("fold", "pooled")
+FIT_ON = ("fold", "pooled", "images")
 # What a temperature at each bound of its search means (the NLL still falls beyond it).
 BOUND_MEANINGS = {
     "upper": "the NLL kept falling as T grew, so flattening the probabilities towards uniform helps: the model is "
@@ -57,10 +57,17 @@ class FitScope:
         return "per fold" if self.fit_on == "fold" else f"{self.fit_on} over folds {folds}"
 
 
-def fit_command(model: TrainedModel, folds: list[str], method: str, fit_on: str) -> str:
-    """The fit-calibration command that fits a map of this scope for these folds."""
-    return shlex.join(["nnunet-margin", "fit-calibration", str(model.folder), "-f", *folds, "--method", method,
-                       "--fit-on", fit_on])
+def fit_command(model: TrainedModel, folds: list[str], method: str, fit_on: str,
+                fitted_on: dict[str, Any] | None = None) -> str:
+    """The fit-calibration command that fits a map of this scope for these folds (for "images", on the calibration
+    set an earlier fit recorded in `fitted_on`, else on placeholders)."""
+    command = ["nnunet-margin", "fit-calibration", str(model.folder), "-f", *folds, "--method", method,
+               "--fit-on", fit_on]
+    if fit_on == "images":
+        fitted_on = fitted_on or {}
+        command += ["--images", fitted_on.get("images", "IMAGES"), "--labels", fitted_on.get("labels", "LABELS")]
+        command += [] if fitted_on.get("mirroring", True) else ["--disable_tta"]
+    return shlex.join(command)
 
 
 def write_fit_record(path: Path, record: dict[str, Any], command: str) -> None:
@@ -86,6 +93,11 @@ class MapRecord:
     path: Path
     calibration: AffineCalibration
     scope: FitScope
+    fitted_on: dict[str, Any]
+
+    def fit_command(self, model: TrainedModel, folds: list[str], fit_on: str | None = None) -> str:
+        """The command that fits this record's kind of map (or one of `fit_on`) again, for `folds`."""
+        return fit_command(model, folds, self.calibration.method, fit_on or self.scope.fit_on, self.fitted_on)
 
 
 def read_map(fold_folder: Path, model: TrainedModel) -> MapRecord:
@@ -94,7 +106,7 @@ def read_map(fold_folder: Path, model: TrainedModel) -> MapRecord:
     command = fit_command(model, [fold_of(fold_folder)], "vector", "fold")
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: fit it first, e.g. `{command}` (or --method temperature, "
-                                f"matrix; --fit-on pooled), or export without --calibration")
+                                f"matrix; --fit-on pooled or images), or export without --calibration")
     try:
         record = json.loads(path.read_text())
         calibration = AffineCalibration.from_dict(record["calibration"])
@@ -107,7 +119,7 @@ def read_map(fold_folder: Path, model: TrainedModel) -> MapRecord:
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{path} is not a valid calibration map ({error}); fit it again with `{command}`") \
             from None
-    return MapRecord(path, calibration, scope)
+    return MapRecord(path, calibration, scope, dict(record.get("fitted_on", {})))
 
 
 def _check_one_scope(records: dict[str, MapRecord], model: TrainedModel) -> FitScope:
@@ -118,21 +130,23 @@ def _check_one_scope(records: dict[str, MapRecord], model: TrainedModel) -> FitS
     if len(scopes) > 1:
         listed = "; ".join(f"{name}: {record.calibration.method} {record.scope.describe()}"
                            for name, record in records.items())
+        on_images = [record for record in records.values() if record.scope.fit_on == "images"]
+        command = on_images[0].fit_command(model, exported) if on_images else \
+            fit_command(model, exported, first.calibration.method, "pooled")
         raise ValueError(f"the folds' calibration maps were fitted with different scopes ({listed}), and one export "
-                         f"folds one kind of map into every fold: fit them together, e.g. "
-                         f"`{fit_command(model, exported, first.calibration.method, 'pooled')}`")
+                         f"folds one kind of map into every fold: fit them together, e.g. `{command}`")
     if first.scope.fit_on == "fold":
         return first.scope
-    command = fit_command(model, exported, first.calibration.method, first.scope.fit_on)
+    command = first.fit_command(model, exported)
     for record in records.values():
         same_map = record.calibration.weight.equal(first.calibration.weight) and \
             record.calibration.bias.equal(first.calibration.bias)
-        if record.scope != first.scope or not same_map:
+        if record.scope != first.scope or record.fitted_on != first.fitted_on or not same_map:
             raise ValueError(f"{record.path} and {first.path} hold maps of two different {first.scope.fit_on} fits "
-                             f"(one fit was interrupted, or run for other folds): fit them together with `{command}`")
+                             f"(one fit was interrupted, or run for other folds or data): fit them together with `{command}`")
     if sorted(first.scope.folds) != sorted(exported):
-        if len(exported) == 1:
-            command = fit_command(model, exported, first.calibration.method, "fold")
+        if len(exported) == 1 and first.scope.fit_on == "pooled":
+            command = first.fit_command(model, exported, "fold")
         raise ValueError(f"{first.path} is one map {first.scope.describe()}, fitted for the ensemble of exactly "
                          f"those folds, but the export has folds {', '.join(exported)}: export with -f "
                          f"{' '.join(first.scope.folds)}, or fit a map for the exported folds with `{command}`")
@@ -180,14 +194,16 @@ def calibrations_for_export(model: TrainedModel, fold_folders: list[Path], num_c
     checked = list(records.values()) if scope.fit_on == "fold" else [next(iter(records.values()))]
     checkpoints, at_bound = {}, {}
     for record in checked:
-        command = fit_command(model, record.scope.folds, record.calibration.method, scope.fit_on)
+        command = record.fit_command(model, record.scope.folds)
         checkpoints.update(check_checkpoints_current(model, record.scope, record.path, command))
         check_classes(record.calibration, num_classes, record.path, command)
-        side = check_bound(record.calibration, allow_bound, record.path, "logit sample")
+        side = check_bound(record.calibration, allow_bound, record.path,
+                           "calibration set" if scope.fit_on == "images" else "logit sample")
         if side is not None:
             at_bound.update({name: side for name in record.scope.checkpoints})
     calibrations = {name: record.calibration for name, record in records.items()}
     info = {"calibration_fit_on": scope.fit_on, "calibration_checkpoints": checkpoints,
+            "calibrations_fitted_on": {name: record.fitted_on for name, record in records.items()},
             "calibrations_folded_in": {name: {"method": calibration.method, "weight": calibration.weight.tolist(),
                                               "bias": calibration.bias.tolist()}
                                        for name, calibration in calibrations.items()}}
