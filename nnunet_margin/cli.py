@@ -192,7 +192,8 @@ def _optional_path(value: str | None) -> Path | None:
 def _benchmark_command(args: argparse.Namespace) -> int:
     from .nnunet.benchmark import BenchmarkSettings, run_benchmark
 
-    device = args.device or ("cuda" if args.gpus else _default_device())
+    # The compute nodes of a cluster have the GPUs that the machine submitting the jobs may lack.
+    device = args.device or ("cuda" if args.gpus or args.executor == "slurm" else _default_device())
     settings = BenchmarkSettings(
         dataset=args.dataset, configuration=args.configuration, trainers=args.trainers, folds=args.folds,
         plans=args.plans, baseline=args.baseline, post_hoc=args.post_hoc, post_hoc_fit=args.post_hoc_fit,
@@ -200,8 +201,36 @@ def _benchmark_command(args: argparse.Namespace) -> int:
         calibration_images=_optional_path(args.calibration_images),
         calibration_labels=_optional_path(args.calibration_labels), repeats=args.repeats, device=device,
         gpus=args.gpus, name=args.name, random_split_folds=args.random_split_folds)
-    run_benchmark(settings, dry_run=args.dry_run, status=args.status)
+    run_benchmark(settings, dry_run=args.dry_run, status=args.status, slurm=_slurm_options(args, device))
     return 0
+
+
+def _slurm_options(args: argparse.Namespace, device: str):
+    """The Slurm options of `benchmark --executor slurm` (None for the local executor), checked."""
+    import shlex
+
+    from .nnunet.slurm import SlurmOptions
+
+    given = [f"--{name.replace('_', '-')}" for name, value in vars(args).items()
+             if name.startswith("slurm_") and value is not None]
+    if args.executor != "slurm":
+        if given:
+            raise ValueError(f"{' '.join(given)} apply to Slurm jobs: add --executor slurm, or leave them out")
+        return None
+    if args.gpus:
+        raise ValueError("--gpus picks GPUs of this machine for the local executor; with --executor slurm each job "
+                         "gets its GPUs from Slurm (--slurm-gpus-per-job)")
+    if device == "cpu" and args.slurm_gpus_per_job:
+        raise ValueError(f"--slurm-gpus-per-job {args.slurm_gpus_per_job} with -device cpu: nnU-Net would not use the "
+                         f"GPUs; drop one of the two")
+    gpus_per_job = args.slurm_gpus_per_job if args.slurm_gpus_per_job is not None else int(device == "cuda")
+    try:
+        extra = shlex.split(args.slurm_extra or "")
+    except ValueError as error:
+        raise ValueError(f"--slurm-extra {args.slurm_extra!r}: {error}; quote it as for a shell") from None
+    return SlurmOptions(partition=args.slurm_partition, gpus_per_job=gpus_per_job, time=args.slurm_time,
+                        mem=args.slurm_mem, account=args.slurm_account, extra=extra,
+                        setup=Path(args.slurm_setup) if args.slurm_setup else None)
 
 
 def _predict_command(args: argparse.Namespace) -> int:
@@ -242,6 +271,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -415,6 +451,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--name", default=None,
                      help="the benchmark's folder in $nnUNet_results/DATASET/calibration_benchmarks (default: derived "
                           "from the settings, so other settings never reuse a benchmark's folder)")
+    sub.add_argument("--executor", choices=["local", "slurm"], default="local",
+                     help="run the steps on this machine (local, the default), or submit each as a Slurm job after "
+                          "the jobs it needs (slurm; run the command again once they ended to collect them and the "
+                          "report)")
+    cluster = sub.add_argument_group("Slurm jobs (--executor slurm)")
+    cluster.add_argument("--slurm-partition", default=None, metavar="PARTITION", help="sbatch --partition")
+    cluster.add_argument("--slurm-gpus-per-job", type=_non_negative_int, default=None, metavar="N",
+                         help="GPUs of each training and prediction job (default 1, 0 with -device cpu); the other "
+                              "steps ask for none")
+    cluster.add_argument("--slurm-time", default=None, metavar="TIME",
+                         help="time limit of every job (sbatch --time, e.g. 1-12:00:00); a training it stops "
+                              "continues from its latest checkpoint when the next run submits it again")
+    cluster.add_argument("--slurm-mem", default=None, metavar="MEM", help="memory per job (sbatch --mem, e.g. 64G)")
+    cluster.add_argument("--slurm-account", default=None, metavar="ACCOUNT", help="sbatch --account")
+    cluster.add_argument("--slurm-extra", default=None, metavar='"OPTIONS"',
+                         help='further sbatch options for every job, e.g. "--qos=long --constraint=a100"')
+    cluster.add_argument("--slurm-setup", default=None, metavar="FILE",
+                         help="bash file sourced at the top of every job (module load, conda activate)")
     mode = sub.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true",
                       help="print the pending steps in order, each with the steps it waits for, and stop")

@@ -33,6 +33,9 @@ _WAITING = {"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESV_DEL_HOLD
 _ACTIVE = {"RUNNING", "COMPLETING", "CONFIGURING", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "SUSPENDED"}
 _UNSUCCESSFUL = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 _NEVER_SATISFIED = "DependencyNeverSatisfied"
+# sbatch options that `submit` sets itself (long and short form): in `extra` they would break the job's records.
+_RESERVED = {"--job-name": "-J", "--output": "-o", "--error": "-e", "--dependency": "-d", "--array": "-a",
+             "--parsable": None, "--wrap": None}
 
 # As it exits, a job writes its exit code to its status file (atomically). Slurm ends a job (scancel, time limit)
 # with SIGTERM to all its processes, which bash would otherwise report as exit code 0.
@@ -82,6 +85,11 @@ class SlurmOptions:
                                  "activate) on a file system that the compute nodes see")
             object.__setattr__(self, "setup", setup)
         object.__setattr__(self, "extra", tuple(self.extra))
+        for argument in self.extra:
+            for long, short in _RESERVED.items():
+                if argument.split("=", 1)[0] == long or (short and argument.startswith(short)):
+                    raise ValueError(f"--slurm-extra {argument}: nnunet-margin sets {long} of every job itself (its "
+                                     "name, log, dependencies); leave it out")
 
     def sbatch_arguments(self) -> list[str]:
         named = {"--partition": self.partition, "--time": self.time, "--mem": self.mem, "--account": self.account}
@@ -237,10 +245,16 @@ def _status_exit_code(job: SlurmJob) -> int | None:
     return int(record["exit_code"]) if str(record.get("job_id")) == job.job_id else None
 
 
+def check_commands(*commands: str) -> None:
+    """Raise SlurmError naming the first of the Slurm `commands` that is not on PATH."""
+    for command in commands:
+        if shutil.which(command) is None:
+            raise SlurmError(f"{command} not found on PATH: run on a machine with the Slurm commands (a login node), "
+                             "or make them available first (e.g. `module load slurm`)")
+
+
 def _run(arguments: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    if shutil.which(arguments[0]) is None:
-        raise SlurmError(f"{arguments[0]} not found on PATH: run on a machine with the Slurm commands (a login node), "
-                         "or make them available first (e.g. `module load slurm`)")
+    check_commands(arguments[0])
     try:
         result = subprocess.run(arguments, capture_output=True, text=True, timeout=_COMMAND_TIMEOUT_S)
     except subprocess.TimeoutExpired:

@@ -31,25 +31,27 @@ def process_running(pid: int) -> bool:
         return False
 
 
-def wait_for(condition: Callable[[], object], what: str, timeout: float = 60) -> object:
-    """Poll condition until it returns something true; fail naming `what` after timeout seconds."""
+def wait_for(condition: Callable[[], object], what: str, timeout: float = 60, interval: float = 0.05) -> object:
+    """Poll condition every `interval` seconds until it returns something true; fail naming `what` after timeout
+    seconds."""
     deadline = time.monotonic() + timeout
     while not (result := condition()):
         if time.monotonic() > deadline:
             raise AssertionError(f"waited {timeout} s for {what}")
-        time.sleep(0.05)
+        time.sleep(interval)
     return result
 
 
-def wait_until_ended(jobs: Sequence[SlurmJob], timeout: float = 60) -> dict[str, JobStatus]:
-    """The jobs' states once none is pending or running."""
+def wait_until_ended(jobs: Sequence[SlurmJob], timeout: float = 60, interval: float = 0.05) -> dict[str, JobStatus]:
+    """The jobs' states once none is pending or running (asking squeue every `interval` seconds: long jobs need no
+    more than one question a second)."""
     waiting = (JobState.PENDING, JobState.RUNNING)
 
     def ended():
         states = job_states(jobs)
         return states if all(status.state not in waiting for status in states.values()) else None
 
-    return wait_for(ended, f"jobs {[job.job_id for job in jobs]} to end", timeout)
+    return wait_for(ended, f"jobs {[job.job_id for job in jobs]} to end", timeout, interval)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Running steps: one step in its own process (`run_step`, what every executor starts), and the local executor.
 
-A step's process (`python -m nnunet_margin.nnunet.benchmark.runners FOLDER STEP`) takes the step's lock and the
+A step's process (`python -m nnunet_margin.nnunet.benchmark FOLDER STEP`) takes the step's lock and the
 locks of the shared folders it writes, checks that the steps it needs are done and that it is not done itself, runs
 its command (or action) with nnUNet_results set, output into its log, and records its inputs and outputs. A step that
 writes a folder of its own writes into a fresh hidden folder beside it that is swapped in only when complete, so an
@@ -212,11 +212,28 @@ def _swap_in(staging: Path, target: Path) -> None:
     shutil.rmtree(previous, ignore_errors=True)
 
 
-def remove_leftovers(folder: Path) -> None:
-    """Staging and replaced folders that killed steps left in the benchmark folder (only while its lock is held)."""
-    for path in sorted(folder.rglob(".*.partial-*")) + sorted(folder.rglob(".*.old-*")):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
+def remove_leftovers(plan: Plan, running: set[str] = frozenset()) -> None:
+    """Staging and replaced folders that killed steps left beside their outputs (only while the benchmark's lock is
+    held), except those of steps in `running` (Slurm jobs) or whose lock is held (a step's process still runs)."""
+    for step in plan.steps:
+        if not step.staged or step.id in running or lock_holder(step_lock_path(plan, step)) is not None:
+            continue
+        target = Path(step.output["folder"])
+        for pattern in (f".{target.name}.partial-*", f".{target.name}.old-*"):
+            for path in sorted(target.parent.glob(pattern)):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+
+
+def step_process(plan: Plan, step: Step) -> list[str]:
+    """The command line of the step's own process (see `run_step`), as every executor starts it."""
+    return [sys.executable, "-m", __package__, str(plan.folder), step.id]
+
+
+def log_command(plan: Plan, step: Step) -> None:
+    """Add the command the step runs now to commands.log (every command an executor started)."""
+    with open(plan.folder / "commands.log", "a") as commands:
+        commands.write(step.display(plan.results, step.current_command()) + "\n")
 
 
 def run_step(folder: Path, step_id: str) -> int:
@@ -300,8 +317,7 @@ class LocalExecutor:
         self.attempted.add(step.id)
         log = self.plan.log(step)
         log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.plan.folder / "commands.log", "a") as commands:
-            commands.write(step.display(self.plan.results, step.current_command()) + "\n")
+        log_command(self.plan, step)
         where = f" (GPU {slot})" if slot is not None else ""
         print(f"[{self.finished + len(self.running) + 1}/{self._total(states)}] {step.id}{where}: running, log {log}",
               flush=True)
@@ -315,7 +331,7 @@ class LocalExecutor:
         if slot is not None:
             environment["CUDA_VISIBLE_DEVICES"] = slot
         with open(log, "w") as output:
-            process = subprocess.Popen([sys.executable, "-m", __name__, str(self.plan.folder), step.id],
+            process = subprocess.Popen(step_process(self.plan, step),
                                        env=environment, stdout=output, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, pass_fds=(self.lock.fd,), start_new_session=True)
         self.running[slot] = (step, process, time.time())
@@ -372,7 +388,3 @@ class LocalExecutor:
         lines = [f"{step_id}: {status}" for step_id, status in self.failed.items()]
         raise RuntimeError(f"{len(self.failed)} step(s) failed, {len(blocked)} step(s) not run because they need "
                            f"them; finished steps are kept, rerun `benchmark` after fixing:\n  " + "\n  ".join(lines))
-
-
-if __name__ == "__main__":
-    sys.exit(run_step(Path(sys.argv[1]), sys.argv[2]))
