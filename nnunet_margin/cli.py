@@ -185,6 +185,10 @@ def _fit_calibration_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _optional_path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
 def _benchmark_command(args: argparse.Namespace) -> int:
     from .nnunet.benchmark import BenchmarkSettings, run_benchmark
 
@@ -192,9 +196,10 @@ def _benchmark_command(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if args.gpus or args.executor == "slurm" else _default_device())
     settings = BenchmarkSettings(
         dataset=args.dataset, configuration=args.configuration, trainers=args.trainers, folds=args.folds,
-        plans=args.plans, baseline=args.baseline, post_hoc=args.post_hoc,
-        test_images=Path(args.test_images) if args.test_images else None,
-        test_labels=Path(args.test_labels) if args.test_labels else None, repeats=args.repeats, device=device,
+        plans=args.plans, baseline=args.baseline, post_hoc=args.post_hoc, post_hoc_fit=args.post_hoc_fit,
+        test_images=_optional_path(args.test_images), test_labels=_optional_path(args.test_labels),
+        calibration_images=_optional_path(args.calibration_images),
+        calibration_labels=_optional_path(args.calibration_labels), repeats=args.repeats, device=device,
         gpus=args.gpus, name=args.name, random_split_folds=args.random_split_folds)
     run_benchmark(settings, dry_run=args.dry_run, status=args.status, slurm=_slurm_options(args, device))
     return 0
@@ -421,10 +426,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="allow folds beyond nnU-Net's split, which it trains on a random 80:20 split")
     sub.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     sub.add_argument("--baseline", default=None, metavar="TRAINER", help="trainer the others are tested against")
-    sub.add_argument("--post-hoc", dest="post_hoc", nargs="+", default=[], choices=["temperature"],
-                     help="post-hoc calibration fitted per fold and evaluated on the test set")
+    sub.add_argument("--post-hoc", dest="post_hoc", nargs="+", default=[], choices=["temperature", "vector", "matrix"],
+                     metavar="METHOD", help="post-hoc calibrators (fit-calibration --method: any of temperature, "
+                                            "vector, matrix), each folded into every trainer's folds and evaluated "
+                                            "on the test set")
+    sub.add_argument("--post-hoc-fit", dest="post_hoc_fit", default="fold", choices=["fold", "pooled", "images"],
+                     help="what each calibrator is fitted on (fit-calibration --fit-on): fold, one map per fold from "
+                          "its validation cases (default); pooled, one map from the folds' validation cases; images, "
+                          "one map fitted on the fold ensemble's predictions of --calibration-images")
     sub.add_argument("--test-images", default=None, metavar="DIR", help="held-out images (imagesTs layout)")
     sub.add_argument("--test-labels", default=None, metavar="DIR", help="their reference segmentations")
+    sub.add_argument("--calibration-images", dest="calibration_images", default=None, metavar="DIR",
+                     help="--post-hoc-fit images: held-out calibration images (imagesTs layout), apart from the test "
+                          "set and the training cases")
+    sub.add_argument("--calibration-labels", dest="calibration_labels", default=None, metavar="DIR",
+                     help="their reference segmentations")
     sub.add_argument("--repeats", type=_positive_int, default=1,
                      help="train everything N times (repeats 2.. in results roots shared by the dataset's "
                           "benchmarks) for the run-to-run spread")

@@ -96,33 +96,37 @@ def planned_steps(dry_run: str) -> list[tuple[str, list[str], str]]:
 def test_dry_run_lists_every_step_after_the_steps_it_waits_for(setup, tmp_path):
     """Issue 16.8: every step, including those that only become pending after earlier ones (the export after a refit),
     each after the steps it waits for, so that submitting each line as a cluster job in order works."""
-    code, out, err = setup.run(*setup.arguments(*TRAINERS, test_set=True), "--post-hoc", "temperature", "--repeats",
-                               "2", "--dry-run", results=tmp_path / "results")
+    code, out, err = setup.run(*setup.arguments(*TRAINERS, test_set=True), "--post-hoc", "temperature", "vector",
+                               "--repeats", "2", "--dry-run", results=tmp_path / "results")
     assert code == 0, err
     steps = planned_steps(out)
     numbers = {step: f"[{index}]" for index, (step, _, _) in enumerate(steps, 1)}
-    per_repeat = {"train": 2, "cross-validation": 2, "fit-temperature": 2, "export": 2, "predict": 4,
-                  "test-evaluation": 4}
+    per_repeat = {"train": 2, "cross-validation": 2, "fit": 4, "export": 4, "predict": 6, "test-evaluation": 6}
     kinds = [step.rsplit("/", 1)[-1] for step, _, _ in steps]
     assert {kind: kinds.count(kind) for kind in per_repeat} == {kind: 2 * n for kind, n in per_repeat.items()}
     assert kinds[-1] == "report" and len(steps) == 2 * sum(per_repeat.values()) + 1
     position = {step: index for index, (step, _, _) in enumerate(steps)}
+    waits_of = dict((step, waits) for step, waits, _ in steps)
     for step, waits, command in steps:
         assert all(int(wait.strip("[]")) - 1 < position[step] for wait in waits), step
     for repeat in (1, 2):
         for trainer in TRAINERS:
-            prefix = f"repeat_{repeat}/{trainer}"
-            export = f"repeat_{repeat}/{trainer}+temperature/export"
-            assert {numbers[f"{prefix}/fold_0/train"], numbers[f"{prefix}/fold_0/fit-temperature"]} \
-                <= set(dict((s, w) for s, w, _ in steps)[export])
-            assert dict((s, w) for s, w, _ in steps)[f"repeat_{repeat}/{trainer}+temperature/predict"] == \
-                [numbers[export]]
+            for calibrator in ("temperature", "vector"):
+                method = f"repeat_{repeat}/{trainer}+{calibrator}"
+                assert waits_of[f"{method}/fold_0/fit"] == [numbers[f"repeat_{repeat}/{trainer}/fold_0/train"]]
+                assert {numbers[f"repeat_{repeat}/{trainer}/fold_0/train"], numbers[f"{method}/fold_0/fit"]} \
+                    <= set(waits_of[f"{method}/export"])
+                assert waits_of[f"{method}/predict"] == [numbers[f"{method}/export"]]
+                assert waits_of[f"{method}/test-evaluation"] == [numbers[f"{method}/predict"]]
     commands = dict((step, command) for step, _, command in steps)
     assert commands[f"repeat_1/{NNUNET}/fold_0/train"] == (
         f"nnUNetv2_train {DATASET_NAME} 3d_fullres 0 -tr nnUNetTrainer_demo -p nnUNetPlans --c -device cpu --npz")
-    assert "--npz" in commands[f"repeat_1/{PLUGIN}/fold_0/train"]  # fit-temperature reads the probabilities
+    assert "--npz" not in commands[f"repeat_1/{PLUGIN}/fold_0/train"]  # fit-calibration reads the logit samples
     assert commands["repeat_2/nnUNetTrainer_demo/fold_0/train"].startswith(
         f"nnUNet_results={tmp_path / 'results' / BENCHMARKS / '_trainings' / 'repeat_2'} nnUNetv2_train")
+    assert commands[f"repeat_1/{NNUNET}+vector/fold_0/fit"].endswith(
+        "--method vector --fit-on fold -f 0 -device cpu --revalidate")  # nnU-Net's trainers write no logit sample
+    assert commands[f"repeat_1/{PLUGIN}/predict"].startswith("nnunet-margin predict -i ")
     assert "--continue_prediction" not in out and "--overwrite" not in out
     assert not (tmp_path / "results").exists(), "a dry run writes nothing"
 
@@ -356,13 +360,85 @@ def test_a_retrained_model_is_validated_and_predicted_again(copied_and_retrained
     folder = copied_and_retrained["folder"]
     commands = (folder / "commands.log").read_text().splitlines()
     assert any(command.endswith(" --val -device cpu") for command in commands)
-    assert commands[-3].startswith("nnUNetv2_predict") and "--continue_prediction" not in commands[-3]
+    assert commands[-3].startswith("nnunet-margin predict") and "--continue_prediction" not in commands[-3]
     before, after = copied_and_retrained["before"], copied_and_retrained["after"]
     assert before.keys() == after.keys() and len(after) == 2
     assert not all(np.allclose(before[name], after[name]) for name in after)
     assert not list(folder.rglob(".*.partial-*")) and not list(folder.rglob(".*.old-*"))
     original = _probabilities(second_benchmark["folder"] / f"repeat_1/test/{PLUGIN}/predictions")
     assert all(np.array_equal(original[name], before[name]) for name in before)  # the original tree is untouched
+
+
+# --- issues 17.5 and 18.3: the test set predicted by `nnunet-margin predict`; post-hoc calibrators -----------------
+
+def _listing(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(path.relative_to(folder)): (path.stat().st_size, path.stat().st_mtime_ns)
+            for path in folder.rglob("*") if path.is_file()}
+
+
+@pytest.fixture(scope="module")
+def post_hoc_benchmark(setup, first_benchmark) -> dict:
+    """The plugin trainer (fold 0, trained by the first benchmark) with temperature and vector scaling fitted per
+    fold on its validation logit sample, in the benchmark's views of the model, and tested on the test set; the model
+    folder itself stays as it is. (nnU-Net's own trainers, whose validation is run again into the views, cost two
+    validations more: bench/bench_posthoc_scopes.py runs them.)"""
+    fold = setup.results / DATASET_NAME / f"{PLUGIN}__nnUNetPlans__3d_fullres" / "fold_0"
+    before = _listing(fold)
+    code, out, err = setup.run(*setup.arguments(PLUGIN, test_set=True), "--post-hoc", "temperature", "vector")
+    assert code == 0, out[-4000:] + err[-3000:]
+    return {"folder": setup.folder(out), "out": out, "fold": fold, "before": before}
+
+
+def test_each_calibrator_is_a_row_of_the_test_table_with_its_gain_and_fitted_map(post_hoc_benchmark):
+    """Issue 18.3: the fold ensemble before and after each calibrator on the test set, what each gains per test
+    case with paired confidence intervals, and the fitted maps; issue 17.5: the failure detection of each."""
+    folder = post_hoc_benchmark["folder"]
+    assert "12 of 13 step(s) to run" in post_hoc_benchmark["out"] and "/train: running" not in post_hoc_benchmark["out"]
+    rows = {row["method"]: row for row in csv.DictReader((folder / "report/repeat_1/test/table.csv").open())}
+    assert set(rows) == {PLUGIN, f"{PLUGIN}+temperature", f"{PLUGIN}+vector"}
+    for row in rows.values():
+        assert row["dice_n"] == "2" and all(math.isfinite(float(row[f"{metric}_mean"])) for metric in ("ece", "nll"))
+    assert rows[f"{PLUGIN}+temperature"]["nll_mean"] != rows[PLUGIN]["nll_mean"]  # the map is folded in
+    gains = list(csv.DictReader((folder / "report/repeat_1/test/post_hoc_gains.csv").open()))
+    assert {(row["calibrator"], row["metric"]) for row in gains} == {
+        (calibrator, metric) for calibrator in ("temperature", "vector")
+        for metric in ("ece", "classwise_ece", "nll", "brier", "dice")}
+    for row in gains:
+        assert row["n"] == "2" and float(row["ci_low"]) <= float(row["difference"]) <= float(row["ci_high"]), row
+        expected = float(rows[f"{PLUGIN}+{row['calibrator']}"][f"{row['metric']}_mean"]) \
+            - float(rows[PLUGIN][f"{row['metric']}_mean"])
+        assert float(row["difference"]) == pytest.approx(expected, abs=1e-9)
+    report = (folder / "report" / "report.md").read_text()
+    view = folder / "repeat_1/post_hoc" / f"{PLUGIN}+temperature" / DATASET_NAME / \
+        f"{PLUGIN}__nnUNetPlans__3d_fullres" / "fold_0"
+    temperature = json.loads((view / "calibration_map.json").read_text())["calibration"]["info"]["temperature"]
+    assert f"| {PLUGIN} | temperature | 1 | 0 | T = {temperature:.4g} |" in report
+    assert f"| {PLUGIN} | vector | 1 | 0 | ‖A − I‖ = " in report
+    assert "### What each post-hoc calibrator gains on the test cases (repeat 1)" in report
+    # issue 17.5: failure detection of every method's ensemble predictions (nnunet-margin predict's scores)
+    failure = list(csv.DictReader((folder / "report/repeat_1/test/failure_detection.csv").open()))
+    for method in rows:
+        section = json.loads((folder / f"repeat_1/test/{method}/evaluation/calibration.json").read_text())[
+            "failure_detection"]
+        method_rows = {row["score"]: row for row in failure if row["method"] == method}
+        assert set(method_rows) == set(section["scores"]) and "entropy_foreground" in method_rows, method
+        for score, row in method_rows.items():
+            assert row["n_cases"] == "2" and float(row["aurc_value"]) == pytest.approx(section["scores"][score]["aurc"])
+    assert "### Failure detection on the test cases (repeat 1)" in report
+
+
+def test_the_calibrators_are_fitted_beside_the_model_folder_without_writing_into_it(post_hoc_benchmark):
+    """The maps are fitted in the benchmark's views (links to the model's files), each calibrator its own, and
+    the plugin trainer's logit sample is read through a link; the model folder is unchanged."""
+    folder, fold = post_hoc_benchmark["folder"], post_hoc_benchmark["fold"]
+    assert _listing(fold) == post_hoc_benchmark["before"]
+    for calibrator in ("temperature", "vector"):
+        view = folder / "repeat_1/post_hoc" / f"{PLUGIN}+{calibrator}" / fold.relative_to(fold.parents[2])
+        assert (view / "checkpoint_final.pth").is_symlink()
+        assert json.loads((view / "calibration_map.json").read_text())["calibration"]["method"] == calibrator
+        assert (view / "validation" / "logit_sample.nnunet_margin").is_symlink()
+    commands = (folder / "commands.log").read_text()
+    assert f"nnunet-margin export-portable {folder / 'repeat_1/post_hoc'}" in commands
 
 
 # --- item 10: arguments checked before any step -------------------------------------------------------------------
@@ -400,6 +476,40 @@ def test_bad_arguments_are_refused_before_any_step(setup, tmp_path, change, expe
     else:
         position = {"-tr": 4, "-f": 6}.get(change[0])
         arguments = arguments[:position] + change + arguments[position + 2:] if position else arguments + change
+    code, out, err = setup.run(*arguments, results=tmp_path / "results")
+    assert code == 2 and expected in err, err
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("change, expected", [
+    (["--post-hoc-fit", "images"], "--post-hoc-fit images fits each calibrator on the fold ensemble's predictions of a "
+                                   "held-out calibration set: pass its images and labels with --calibration-images"),
+    (["--post-hoc-fit", "pooled"], "--post-hoc-fit pooled fits one map on several folds' validation cases, but -f has "
+                                   "only fold 0: pass two or more folds"),
+    ("same as the test set", "--calibration-images and --test-images are the same folder"),
+    ("unlabelled", "--calibration-labels: no label for 1 calibration case(s) case_010 "),
+    ("a test case", "--calibration-images and --test-images share 1 case(s) case_010: the calibrators would be "
+                    "measured on cases they were fitted on"),
+])
+def test_bad_post_hoc_arguments_are_refused_before_any_step(setup, tmp_path, change, expected):
+    """Issue 18.3: the calibration set of --post-hoc-fit images is checked as the test set is, and kept apart from
+    it."""
+    arguments = setup.arguments("nnUNetTrainer_demo", test_set=True) + ["--post-hoc", "temperature", "vector"]
+    if isinstance(change, list):
+        arguments += change
+    else:
+        images, labels = setup.images, setup.labels
+        if change != "same as the test set":  # a copy of the test set whose case_011 is renamed (case_010 stays)
+            images, labels = tmp_path / "imagesCal", tmp_path / "labelsCal"
+            shutil.copytree(setup.images, images)
+            shutil.copytree(setup.labels, labels)
+            for path in [*images.iterdir(), *labels.iterdir()]:
+                if path.name.startswith("case_011"):
+                    path.rename(path.with_name(path.name.replace("case_", "calibration_")))
+            if change == "unlabelled":
+                (labels / "case_010.nii.gz").unlink()
+        arguments += ["--post-hoc-fit", "images", "--calibration-images", str(images), "--calibration-labels",
+                      str(labels)]
     code, out, err = setup.run(*arguments, results=tmp_path / "results")
     assert code == 2 and expected in err, err
     assert not (tmp_path / "results").exists()

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from failure_checks import aurc_by_orderings, confidences
 from process_checks import alive, descendants
 
-from nnunet_margin.nnunet.benchmark.command import _status_table
-from nnunet_margin.nnunet.benchmark.plan import Plan, Step, build_plan
+from nnunet_margin.nnunet.benchmark.command import _status_table, settings_record
+from nnunet_margin.nnunet.benchmark.plan import Plan, Step, build_plan, make_link
 from nnunet_margin.nnunet.benchmark.report import write_report
 from nnunet_margin.nnunet.benchmark.runners import BENCHMARK_MARKER, LocalExecutor, run_step
 from nnunet_margin.nnunet.benchmark.settings import Benchmark, BenchmarkSettings, default_name, identity_differences
@@ -305,23 +306,119 @@ def test_the_plan_runs_every_step_after_the_steps_it_needs(tmp_path):
     assert len(position) == len(plan.steps) == 2 * (4 * 3 + 2 + 4 + 4) + 1
     assert all(position[need] < position[step.id] for step in plan.steps for need in step.needs)
     step = plan.step("repeat_2/A+temperature/export")
-    assert step.needs == ["repeat_2/A/fold_0/train", "repeat_2/A/fold_1/train", "repeat_2/A/fold_0/fit-temperature",
-                          "repeat_2/A/fold_1/fit-temperature"]
+    assert step.needs == ["repeat_2/A/fold_0/train", "repeat_2/A/fold_1/train", "repeat_2/A+temperature/fold_0/fit",
+                          "repeat_2/A+temperature/fold_1/fit"]
     assert plan.step("repeat_2/A+temperature/predict").needs == ["repeat_2/A+temperature/export"]
     assert plan.step("repeat_1/A/fold_0/cross-validation").action == "collect"
     assert plan.step("repeat_1/B/fold_0/cross-validation").command[:2] == ["nnunet-margin", "calibration"]
-    assert plan.step("repeat_1/A/fold_1/train").locks == plan.step("repeat_1/A/fold_1/fit-temperature").locks
     assert plan.steps[-1].id == "report" and len(plan.steps[-1].needs) == 2 * (2 * 2 * 2 + 4)
     for step in plan.steps:
         assert str(tmp_path) not in json.dumps(step.settings), step.id  # a copied tree is the same benchmark
+
+
+def test_post_hoc_calibrators_are_fitted_in_views_of_the_models_and_predicted_from_their_exports(tmp_path):
+    """Each calibrator is fitted in the benchmark's own view of the trained model (links to its files), so the
+    calibrators' maps never overwrite each other and nothing is written into nnU-Net's model folder; nnU-Net's own
+    trainers have no logit sample, so their validation is run again into the view."""
+    benchmark = _benchmark(tmp_path, post_hoc=["temperature", "vector"], repeats=1)
+    plan = build_plan(benchmark)
+    model = tmp_path / "results" / "Dataset001_X" / "A__nnUNetPlans__3d_fullres"
+    view_root = benchmark.folder / "repeat_1" / "post_hoc" / "A+vector"
+    view = view_root / "Dataset001_X" / "A__nnUNetPlans__3d_fullres"
+    fit = plan.step("repeat_1/A+vector/fold_1/fit")
+    assert fit.command == ["nnunet-margin", "fit-calibration", str(view), "--method", "vector", "--fit-on", "fold",
+                           "-f", "1", "-device", "cpu"]
+    assert fit.results_root == str(view_root) and fit.needs == ["repeat_1/A/fold_1/train"]
+    assert fit.output == {"type": "files", "files": [str(view / "fold_1" / "calibration_map.json")]}
+    assert plan.step("repeat_1/B+vector/fold_1/fit").command[-1] == "--revalidate"
+    links = {Path(link).relative_to(benchmark.folder): Path(target) for link, target in plan.links}
+    a_view = Path("repeat_1/post_hoc/A+vector/Dataset001_X/A__nnUNetPlans__3d_fullres")
+    assert links[a_view / "fold_0" / "checkpoint_final.pth"] == model / "fold_0" / "checkpoint_final.pth"
+    assert links[a_view / "plans.json"] == model / "plans.json"
+    assert links[a_view / "fold_1/validation/logit_sample.nnunet_margin"] == \
+        model / "fold_1/validation/logit_sample.nnunet_margin"
+    b_view = Path("repeat_1/post_hoc/B+vector/Dataset001_X/B__nnUNetPlans__3d_fullres")
+    assert b_view / "fold_0" / "checkpoint_final.pth" in links
+    assert not any("validation" in str(link) for link in links if b_view in link.parents)
+    export = plan.step("repeat_1/A+vector/export")
+    assert export.command == ["nnunet-margin", "export-portable", str(view),
+                              str(benchmark.folder / "repeat_1" / "exports" / "A+vector"), "--calibration",
+                              "--allow-bound", "--name", "A_vector", "-f", "0", "1"]
+    predict = plan.step("repeat_1/A+vector/predict")
+    assert predict.command[:2] == ["nnunet-margin", "predict"] and predict.results_root == export.output["folder"]
+    assert predict.command[predict.command.index("-tr") + 1] == "A_vector"
+    assert plan.step("repeat_1/A/predict").command[predict.command.index("-tr") + 1] == "A"
+    assert "--npz" not in plan.step("repeat_1/A/fold_0/train").command  # fit-calibration reads logit samples
+
+
+@pytest.mark.parametrize("fit_on", ["pooled", "images"])
+def test_a_map_for_the_fold_ensemble_is_one_fit_per_trainer_and_calibrator(tmp_path, fit_on):
+    calibration = HeldOutSet(tmp_path / "cal_images", tmp_path / "cal_labels", ("case_7",), ".nii.gz",
+                             {"case_7_0000.nii.gz": [10, 1]}, {"case_7.nii.gz": [5, 1]})
+    benchmark = _benchmark(tmp_path, post_hoc=["temperature"], repeats=1, post_hoc_fit=fit_on)
+    if fit_on == "images":
+        benchmark.calibration_set = calibration
+    plan = build_plan(benchmark)
+    fits = [step for step in plan.steps if step.kind == "fit"]
+    assert [step.id for step in fits] == ["repeat_1/A+temperature/fit", "repeat_1/B+temperature/fit"]
+    fit = plan.step("repeat_1/B+temperature/fit")
+    assert fit.needs == ["repeat_1/B/fold_0/train", "repeat_1/B/fold_1/train"] and len(fit.output["files"]) == 2
+    assert fit.command[fit.command.index("-f"):fit.command.index("-f") + 3] == ["-f", "0", "1"]
+    assert plan.step("repeat_1/B+temperature/export").needs[-1] == "repeat_1/B+temperature/fit"
+    if fit_on == "images":
+        assert fit.command[-4:] == ["--images", str(calibration.images), "--labels", str(calibration.labels)]
+        assert fit.data == ["calibration_images", "calibration_labels"] and fit.gpu
+        assert plan.data["calibration_labels"] == {"folder": str(calibration.labels), "files": ["case_7.nii.gz"]}
+        assert not any("validation" in link for link, _ in plan.links)  # no logit sample is read
+    else:
+        assert fit.command[-1] == "--revalidate" and fit.data == []
+
+
+def test_saving_the_plan_makes_the_views_relative_links(tmp_path):
+    """Relative, so that a results tree copied with `cp -a` has views of its own models; a link whose target moved
+    is replaced."""
+    benchmark = _benchmark(tmp_path, repeats=1)
+    plan = build_plan(benchmark)
+    target = tmp_path / "results" / "Dataset001_X" / "A__nnUNetPlans__3d_fullres" / "fold_0" / "checkpoint_final.pth"
+    target.parent.mkdir(parents=True)
+    target.write_text("weights")
+    plan.save()
+    link = benchmark.folder / "repeat_1/post_hoc/A+temperature/Dataset001_X/A__nnUNetPlans__3d_fullres/fold_0" \
+        / "checkpoint_final.pth"
+    assert link.read_text() == "weights" and not Path(os.readlink(link)).is_absolute()
+    assert Plan.load(benchmark.folder).links == plan.links
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(tmp_path / "results"), str(copy)], check=True)
+    target.write_text("retrained")
+    assert (copy / link.relative_to(tmp_path / "results")).read_text() == "weights"
+    make_link(link, target.with_name("checkpoint_best.pth"))
+    assert (link.parent / os.readlink(link)).resolve() == target.with_name("checkpoint_best.pth").resolve()
+    plan.save()
+    assert link.read_text() == "retrained"
+
+
+def test_the_settings_record_holds_every_folder_as_a_string(tmp_path):
+    """benchmark.json: the test set's and the calibration set's folders (Paths from the command line) as strings."""
+    settings = BenchmarkSettings(dataset="1", configuration="2d", trainers=["A"], folds=["0"], post_hoc=["vector"],
+                                 post_hoc_fit="images", test_images=tmp_path / "ti", test_labels=tmp_path / "tl",
+                                 calibration_images=tmp_path / "ci", calibration_labels=tmp_path / "cl")
+    record = json.loads(json.dumps(settings_record(settings)))
+    assert record["calibration_images"] == str(tmp_path / "ci") and record["test_labels"] == str(tmp_path / "tl")
+    assert record["post_hoc"] == ["vector"] and record["post_hoc_fit"] == "images"
 
 
 def test_the_identity_names_the_folder_and_says_what_changed(tmp_path):
     benchmark = _benchmark(tmp_path)
     for same in (dict(repeats=3), dict(baseline="A"), dict(device="cuda", gpus=["0"]), dict(trainers=["B", "A"])):
         assert _benchmark(tmp_path, **same).name == benchmark.name, same
-    for other in (dict(trainers=["A"]), dict(folds=["0"]), dict(post_hoc=[]), dict(plans="Other")):
+    for other in (dict(trainers=["A"]), dict(folds=["0"]), dict(post_hoc=[]), dict(plans="Other"),
+                  dict(post_hoc=["temperature", "vector"]), dict(post_hoc_fit="pooled")):
         assert _benchmark(tmp_path, **other).name != benchmark.name, other
+    assert "post_hoc_fit" not in benchmark.identity()  # the default: benchmarks of earlier versions keep their names
+    with_calibration_set = _benchmark(tmp_path, post_hoc_fit="images")
+    with_calibration_set.calibration_set = with_calibration_set.test_set
+    assert identity_differences(_benchmark(tmp_path, post_hoc_fit="images").identity(),
+                                with_calibration_set.identity()) == ["calibration set added"]
     changed = _benchmark(tmp_path, folds=["0"], trainers=["A"])
     changed.test_set.label_files["case_1.nii.gz"] = [5, 2]
     assert identity_differences(benchmark.identity(), changed.identity()) == [
@@ -330,13 +427,20 @@ def test_the_identity_names_the_folder_and_says_what_changed(tmp_path):
         tmp_path / "results" / "Dataset001_X" / "calibration_benchmarks" / benchmark.name
 
 
-def _calibration_report(folder: Path, dice: dict[str, float], ece: dict[str, float]) -> None:
-    """A calibration.json of the cases in `dice` (one foreground class)."""
+def _calibration_report(folder: Path, dice: dict[str, float], ece: dict[str, float],
+                        entropy: dict[str, float] | None = None) -> None:
+    """A calibration.json of the cases in `dice` (one foreground class; NLL and Brier derived from the ECE), with
+    the failure-detection section of `nnunet-margin calibration` where a per-case `entropy` score is given."""
     folder.mkdir(parents=True)
-    (folder / "calibration.json").write_text(json.dumps({"class_names": ["background", "organ"], "metric_per_case": {
-        case: {"foreground": {"ece": ece[case], "classwise_ece": ece[case] / 2, "class_ece": [ece[case], ece[case]]},
+    report = {"class_names": ["background", "organ"], "metric_per_case": {
+        case: {"foreground": {"ece": ece[case], "classwise_ece": ece[case] / 2, "class_ece": [ece[case], ece[case]],
+                              "nll": 3 * ece[case], "brier": ece[case] ** 2},
                "segmentation": {"dice": {"organ": dice[case]}, "hd95": {"organ": 2.0}, "asd": {"organ": 1.0}}}
-        for case in dice}}))
+        for case in dice}}
+    if entropy is not None:
+        report["failure_detection"] = {"failure_dice": 0.7, "dice": dice, "scores": {
+            "entropy_foreground": {"failure_when": "higher", "values": entropy}}}
+    (folder / "calibration.json").write_text(json.dumps(report))
 
 
 def test_the_reports_spread_over_repeats_is_the_comparison_of_the_per_repeat_means(tmp_path):
@@ -355,8 +459,9 @@ def test_the_reports_spread_over_repeats_is_the_comparison_of_the_per_repeat_mea
             means[method].append(np.mean(list(dice.values())))
     step = Step("report", "report", [], {"type": "folder", "folder": str(tmp_path / "report")},
                 {"dataset": "Dataset001_X", "configuration": "3d_fullres", "plans": "P", "trainers": ["A", "B"],
-                 "folds": ["0"], "repeats": 3, "post_hoc": [], "baseline": None}, action="report",
-                arguments={"cross_validation": folders, "test": {}, "temperatures": {}, "description": "report"})
+                 "folds": ["0"], "repeats": 3, "post_hoc": [], "post_hoc_fit": "fold", "baseline": None},
+                action="report", arguments={"cross_validation": folders, "test": {}, "maps": {},
+                                            "description": "report"})
     plan = save_plan(tmp_path, [step])
     (plan.folder / "benchmark.json").write_text(json.dumps({"versions": {"nnunet-margin": "test"}}))
     write_report(plan, step, tmp_path / "report")
@@ -369,6 +474,91 @@ def test_the_reports_spread_over_repeats_is_the_comparison_of_the_per_repeat_mea
     report = (tmp_path / "report" / "report.md").read_text()
     assert "## Run-to-run spread (cross-validation)" in report and "mean ± standard deviation over repeats" in report
     assert report.count("## Cross-validation (repeat ") == 3
+
+
+def _map_record(path: Path, method: str, weight: list, bias: list, folds: list[str], info: dict) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"fit_on": "fold" if len(folds) == 1 else "images",
+                                "checkpoints": {f"fold_{fold}": "sha" for fold in folds},
+                                "calibration": {"method": method, "weight": weight, "bias": bias, "info": info}}))
+    return str(path)
+
+
+def test_the_report_shows_what_each_calibrator_gains_per_case_and_the_fitted_maps(tmp_path):
+    """The gains are the paired differences of T+K and T over the test cases (checked against a direct computation
+    of the mean and its paired bootstrap), in the report, the summary and post_hoc_gains.csv; the maps table lists a
+    temperature per fold and a shared map once, with the norms of A - I and b."""
+    rng = np.random.default_rng(3)
+    cases = [f"case_{index}" for index in range(8)]
+    dice = {case: float(rng.uniform(0.5, 0.9)) for case in cases}
+    ece = {"A": {case: float(rng.uniform(0.1, 0.3)) for case in cases}}
+    ece["A+temperature"] = {case: value - 0.05 + float(rng.normal(0, 0.01)) for case, value in ece["A"].items()}
+    ece["A+vector"] = {case: value * 0.5 for case, value in ece["A"].items()}
+    test = {"1": {}}
+    for method, values in ece.items():
+        test["1"][method] = str(tmp_path / "test" / method)
+        _calibration_report(tmp_path / "test" / method, dice, values, entropy=values)  # ECE as the score
+    cross_validation = {"1": {"A": str(tmp_path / "cv" / "A")}}
+    _calibration_report(tmp_path / "cv" / "A" / "fold_0" / "validation", dice, ece["A"])
+    maps = {"1": {"A": {
+        "temperature": [_map_record(tmp_path / f"maps/t/fold_{fold}/calibration_map.json", "temperature",
+                                    [[1 / t, 0], [0, 1 / t]], [0, 0], [fold],
+                                    {"temperature": t, "at_bound": bound, "converged": True})
+                        for fold, t, bound in (("0", 1.5, None), ("1", 100.0, "upper"))],
+        "vector": [_map_record(tmp_path / f"maps/v/fold_{fold}/calibration_map.json", "vector", [[2, 0], [0, 1]],
+                               [0.3, 0.4], ["0", "1"], {"converged": False}) for fold in ("0", "1")]}}}
+    step = Step("report", "report", [], {"type": "folder", "folder": str(tmp_path / "report")},
+                {"dataset": "Dataset001_X", "configuration": "3d_fullres", "plans": "P", "trainers": ["A"],
+                 "folds": ["0", "1"], "repeats": 1, "post_hoc": ["temperature", "vector"], "post_hoc_fit": "fold",
+                 "baseline": "A"}, action="report",
+                arguments={"cross_validation": cross_validation, "test": test, "maps": maps, "description": "report"})
+    plan = save_plan(tmp_path, [step])
+    (plan.folder / "benchmark.json").write_text(json.dumps({"versions": {"nnunet-margin": "test"}}))
+    write_report(plan, step, tmp_path / "report")
+
+    rows = {(row["calibrator"], row["metric"]): row for row in
+            csv.DictReader((tmp_path / "report/repeat_1/test/post_hoc_gains.csv").open())}
+    assert len(rows) == 2 * 5
+    for calibrator in ("temperature", "vector"):
+        after = np.array([ece[f"A+{calibrator}"][case] for case in cases])
+        before = np.array([ece["A"][case] for case in cases])
+        for metric, transform in (("ece", lambda x: x), ("nll", lambda x: 3 * x), ("brier", np.square)):
+            differences = transform(after) - transform(before)
+            index = np.random.default_rng(0).integers(0, len(cases), (10_000, len(cases)))
+            low, high = np.quantile(differences[index].mean(axis=1), [0.025, 0.975])
+            row = rows[calibrator, metric]
+            assert float(row["difference"]) == pytest.approx(differences.mean(), rel=1e-12)
+            assert (float(row["ci_low"]), float(row["ci_high"])) == pytest.approx((low, high), rel=1e-12)
+            assert row["n"] == "8"
+        assert float(rows[calibrator, "dice"]["difference"]) == 0  # the same segmentations here
+    report = (tmp_path / "report" / "report.md").read_text()
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    gains_section = report.split("### What each post-hoc calibrator gains on the test cases (repeat 1)")[1]
+    gains_rows = [line for line in gains_section.split("##")[0].splitlines() if line.startswith("| A | ")]
+    assert [line.split(" | ")[1] for line in gains_rows] == ["temperature", "vector"]
+    assert gains_rows[1].startswith(f"| A | vector | {float(rows['vector', 'ece']['difference']):+.4g} [")
+    assert "Post-hoc calibration, T+K minus T per test case (repeat 1):" in summary and gains_rows[1] in summary
+    test_table = list(csv.DictReader((tmp_path / "report/repeat_1/test/table.csv").open()))
+    assert {row["method"] for row in test_table} == {"A", "A+temperature", "A+vector"}
+    # failure detection per method on the test cases, from the comparison package (AURC checked directly)
+    failure = {row["method"]: row for row in csv.DictReader((tmp_path / "report/repeat_1/test/failure_detection.csv"
+                                                              ).open())}
+    assert set(failure) == {"A", "A+temperature", "A+vector"}
+    risk = [1 - dice[case] for case in cases]
+    for method, values in ece.items():
+        expected = aurc_by_orderings(confidences([values[case] for case in cases], "higher"), risk)
+        assert float(failure[method]["aurc_value"]) == pytest.approx(expected, rel=1e-12)
+    ranks = {method: float(row["aurc_rank"]) for method, row in failure.items()}  # halved ECE: the same ranking
+    better = float(failure["A+temperature"]["aurc_value"]) < float(failure["A"]["aurc_value"])
+    assert ranks == {"A": 1.5 + better, "A+vector": 1.5 + better, "A+temperature": 1.0 if better else 3.0}
+    failure_section = report.split("### Failure detection on the test cases (repeat 1)")[1].split("###")[0]
+    assert {line.split(" | ")[1] for line in failure_section.splitlines() if line.startswith("| entropy")} == \
+        {"A", "A+temperature", "A+vector"}
+    assert "Test set (repeat 1), Failure detection (risk = 1 - mean foreground Dice" in summary
+    maps_rows = [line for line in report.split("## Fitted maps")[1].splitlines() if line.startswith("| A |")]
+    assert maps_rows == ["| A | temperature | 1 | 0 | T = 1.5 | no | yes |",
+                         "| A | temperature | 1 | 1 | T = 100 | upper | yes |",
+                         f"| A | vector | 1 | 0, 1 | ‖A − I‖ = 1, ‖b‖ = 0.5 | n/a | no |"]
 
 
 def test_every_process_of_a_step_is_marked_with_its_benchmark(tmp_path):

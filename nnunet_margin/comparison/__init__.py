@@ -2,8 +2,9 @@
 
 `CaseScores` holds one float per method, case and metric (`scores.py`); `compare_methods` gives means, standard
 deviations, ranks and their sum, bootstrap confidence intervals and paired Wilcoxon tests against a baseline
-(`statistics.py`), and `repeats_as_cases` the same over repeated runs; `markdown_table`, `markdown_report`,
-`latex_table` and `csv_table` render a `Comparison` (`tables.py`), `plot_comparison` draws it (`figure.py`).
+(`statistics.py`), `repeats_as_cases` the same over repeated runs, and `paired_difference` what one method gains
+over another on the same cases; `markdown_table`, `markdown_report`, `latex_table` and `csv_table` render a
+`Comparison` (`tables.py`), `plot_comparison` draws it (`figure.py`).
 Failure detection, how well per-case confidence scores rank cases by their Dice: AURC, E-AURC and failure AUROC of
 one method (`failure_detection.py`) and of methods compared (`compare_failure_detection`, `failure_comparison.py`).
 
@@ -21,10 +22,12 @@ from .scores import HIGHER, LOWER, METRIC_DIRECTIONS, METRIC_LABELS, CaseScores,
 from .statistics import (
     PAPER_RANK_METRICS,
     Comparison,
+    PairedDifference,
     PairedTest,
     average_ranks,
     bootstrap_mean_ci,
     compare_methods,
+    paired_difference,
     paired_wilcoxon,
     repeats_as_cases,
 )
@@ -40,6 +43,7 @@ __all__ = [
     "Comparison",
     "FailureComparison",
     "FailureScores",
+    "PairedDifference",
     "PairedTest",
     "average_ranks",
     "bootstrap_mean_ci",
@@ -54,6 +58,7 @@ __all__ = [
     "markdown_report",
     "markdown_table",
     "metric_label",
+    "paired_difference",
     "paired_wilcoxon",
     "plot_comparison",
     "repeats_as_cases",

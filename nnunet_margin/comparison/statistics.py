@@ -5,8 +5,9 @@ The MbLS and NACL papers' tables (docs/methods.md section 5) report DSC, HD95, A
 mean over test cases and order methods by the sum of their per-metric ranks; `compare_methods` computes those numbers
 from one float per method, case and metric (`CaseScores`). Statistics per method and metric use the cases where the
 value is defined (their number is reported): mean, sample standard deviation (ddof = 1), and a percentile-bootstrap
-confidence interval of the mean over cases. `repeats_as_cases` makes repeated runs the cases of a comparison: the
-run-to-run spread.
+confidence interval of the mean over cases. `paired_difference` gives the mean per-case difference of two methods
+with a paired-bootstrap interval (what one method gains over another on the same cases). `repeats_as_cases` makes
+repeated runs the cases of a comparison: the run-to-run spread.
 """
 
 from __future__ import annotations
@@ -120,6 +121,37 @@ def paired_wilcoxon(values: np.ndarray, baseline_values: np.ndarray, min_nonzero
         result = scipy.stats.wilcoxon(values[both], baseline_values[both])
         return PairedTest(float(result.pvalue), float(result.statistic), num_pairs, "")
     return PairedTest(math.nan, math.nan, num_pairs, note)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """The mean over cases of a method's value minus a reference's, with its paired-bootstrap confidence interval."""
+
+    mean: float
+    ci_low: float
+    ci_high: float
+    num_pairs: int  # cases where both values are defined
+
+
+def paired_difference(values: np.ndarray, reference_values: np.ndarray, confidence_level: float = 0.95,
+                      n_resamples: int = 10_000, seed: int = 0) -> PairedDifference:
+    """Mean of the per-case differences ``values - reference_values`` over the cases where both are defined (not
+    NaN), and the percentile-bootstrap confidence interval of that mean with the cases resampled in pairs (each
+    resample draws cases, and takes both values of each drawn case): `bootstrap_mean_ci` of the differences, i.e.
+    ``scipy.stats.bootstrap((values, reference_values), lambda x, y: np.mean(x - y), paired=True,
+    method="percentile")``. Pairing removes the variation between cases that both share, so the interval is narrower
+    than the two methods' own intervals suggest. NaN without a common case."""
+    values, reference_values = np.asarray(values, np.float64), np.asarray(reference_values, np.float64)
+    if values.shape != reference_values.shape or values.ndim != 1:
+        raise ValueError(f"values {values.shape} and reference_values {reference_values.shape} must be "
+                         f"one-dimensional arrays over the same cases")
+    both = ~np.isnan(values) & ~np.isnan(reference_values)
+    differences = values[both] - reference_values[both]
+    if not np.isfinite(differences).all():
+        raise ValueError("values must be finite or NaN (undefined); got an infinite value")
+    low, high = bootstrap_mean_ci(differences, confidence_level, n_resamples, seed)
+    mean = float(differences.mean()) if differences.size else math.nan
+    return PairedDifference(mean, float(low), float(high), int(both.sum()))
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import platform
 import time
 from importlib.metadata import version
+from pathlib import Path
 
 from ..._atomic import write_json_atomic
 from ..slurm import JobState, JobStatus, SlurmOptions, check_commands
@@ -52,12 +53,15 @@ def run_benchmark(settings: BenchmarkSettings, dry_run: bool = False, status: bo
         lock.release()
 
 
+def settings_record(settings: BenchmarkSettings) -> dict:
+    """The settings as benchmark.json records them (folders as strings)."""
+    return {key: str(value) if isinstance(value, Path) else value for key, value in vars(settings).items()}
+
+
 def _run_locked(benchmark: Benchmark, plan: Plan, lock: Lock, slurm: SlurmOptions | None) -> None:
     settings = benchmark.settings
     write_json_atomic(benchmark.folder / IDENTITY_FILE, {
-        "identity": benchmark.identity(), "name": benchmark.name,
-        "settings": {key: str(value) if key.startswith("test_") and value is not None else value
-                     for key, value in vars(settings).items()},
+        "identity": benchmark.identity(), "name": benchmark.name, "settings": settings_record(settings),
         "executor": "slurm" if slurm else "local", "versions": _versions(slurm), "plugin_trainers": benchmark.plugin})
     plan.save()
     states = evaluate(plan)

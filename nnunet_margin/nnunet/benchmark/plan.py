@@ -10,28 +10,39 @@ same under any executor.
 
 Per repeat R (nnUNet_results for R = 1, a shared root for R > 1; see `settings`), trainer T and fold F:
 
-- `repeat_R/T/fold_F/train`: `nnUNetv2_train D C F -tr T -p P --c` (with `--npz` for nnU-Net's own trainers and
-  wherever post-hoc calibration is fitted); only the validation (`--val`) if the fold is trained but its validation
-  is not that of its checkpoint_final.pth;
+- `repeat_R/T/fold_F/train`: `nnUNetv2_train D C F -tr T -p P --c` (with `--npz` for nnU-Net's own trainers, whose
+  validation `nnunet-margin calibration` reports); only the validation (`--val`) if the fold is trained but its
+  validation is not that of its checkpoint_final.pth;
 - `repeat_R/T/fold_F/cross-validation`: the fold's calibration report in the benchmark folder (`nnunet-margin
-  calibration` of nnU-Net's validation probabilities, or a copy of the plugin trainer's own report);
-- `repeat_R/T/fold_F/fit-temperature` (`--post-hoc temperature`).
+  calibration` of nnU-Net's validation probabilities, or a copy of the plugin trainer's own report).
 
-With a test set, per repeat and method M (each trainer, and T+temperature: the export of T with each fold's
-temperature folded in, `repeat_R/M/export`): `repeat_R/M/predict` (`nnUNetv2_predict` of the fold ensemble into a
-fresh folder) and `repeat_R/M/test-evaluation`. Then `report`.
+With a test set, per repeat, trainer T and post-hoc calibrator K (`--post-hoc`: fit-calibration's methods), the
+method T+K is T's fold ensemble with K's map folded in:
+
+- `repeat_R/T+K/fold_F/fit` (`--post-hoc-fit fold`, per fold) or `repeat_R/T+K/fit` (`pooled`, `images`: one map for
+  the folds' ensemble): `nnunet-margin fit-calibration` of the benchmark's own view of T's model,
+  `repeat_R/post_hoc/T+K/D/T__P__C`, whose fold_F/calibration_map.json it writes. The view is a folder of links
+  (`Plan.links`, made when the plan is saved) to the model's plans, dataset and checkpoints (and a plugin trainer's
+  logit samples), so each calibrator keeps its own maps and nothing is written into the trained model; nnU-Net's
+  own trainers have their validation run again into the view for the logit sample (`--revalidate`);
+- `repeat_R/T+K/export`: `nnunet-margin export-portable --calibration` of the view into `repeat_R/exports/T+K`.
+
+Per method M (each trainer, and each T+K): `repeat_R/M/predict` (`nnunet-margin predict` of the fold ensemble, its
+members kept for the uncertainty scores, into a fresh folder) and `repeat_R/M/test-evaluation` (`nnunet-margin
+calibration`, with the failure detection of those scores). Then `report`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..._atomic import write_json_atomic
-from ..layout import FINAL_CHECKPOINT, fold_folder_name, model_folder_name, validation_folder
+from ..layout import FINAL_CHECKPOINT, MODEL_FILES, fold_folder_name, model_folder_name, validation_folder
 from .settings import LOCKS_FOLDER, Benchmark
 
 PLAN_FILE = "plan.json"
@@ -87,6 +98,7 @@ class Plan:
     results: Path  # the user's nnUNet_results
     steps: list[Step]
     data: dict[str, dict]  # name -> {"folder": ..., "files": [...]}: a data set the steps read
+    links: list[list[str]] = field(default_factory=list)  # [link, target]: the post-hoc views (see the docstring)
 
     def step(self, step_id: str) -> Step:
         for step in self.steps:
@@ -98,18 +110,35 @@ class Plan:
         return self.folder / "logs" / f"{step.id}.log"
 
     def save(self) -> None:
+        """Write plan.json and make the links of the post-hoc views."""
         write_json_atomic(self.folder / PLAN_FILE, {"folder": str(self.folder), "results": str(self.results),
-                                                     "data": self.data, "steps": [asdict(step) for step in self.steps]})
+                                                     "data": self.data, "steps": [asdict(step) for step in self.steps],
+                                                     "links": self.links})
+        for link, target in self.links:
+            make_link(Path(link), Path(target))
 
     @classmethod
     def load(cls, folder: Path) -> Plan:
         try:
             content = json.loads((folder / PLAN_FILE).read_text())
             return cls(Path(content["folder"]), Path(content["results"]), [Step(**step) for step in content["steps"]],
-                       content["data"])
+                       content["data"], content.get("links", []))
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise ValueError(f"{folder / PLAN_FILE} is missing or unreadable ({error}): run `nnunet-margin benchmark` "
                              f"with the benchmark's settings, which writes it") from None
+
+
+def make_link(link: Path, target: Path) -> None:
+    """A relative symbolic link (it still points into the tree when the results tree is copied), replacing whatever
+    is at `link`; the target need not exist yet (a fold not yet trained)."""
+    relative = os.path.relpath(target, link.parent)
+    if link.is_symlink() and os.readlink(link) == relative:
+        return
+    link.parent.mkdir(parents=True, exist_ok=True)
+    temporary = link.parent / f".{link.name}.link-{os.getpid()}"
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(relative)
+    os.replace(temporary, link)
 
 
 def build_plan(benchmark: Benchmark) -> Plan:
@@ -121,12 +150,15 @@ class _Builder:
     def __init__(self, benchmark: Benchmark):
         # the file names the commands write (their modules import torch, which a step's process does not need)
         from ..calibration_report import REPORT_FILE
-        from ..posthoc.legacy_temperature import TEMPERATURE_FILE
+        from ..posthoc.maps import CALIBRATION_MAP_FILE
+        from ..provenance import PROVENANCE_FILE
+        from ..validation import LOGIT_SAMPLE_FILE
 
         self.benchmark = benchmark
         self.settings = benchmark.settings
         self.folder = benchmark.folder
-        self.report_file, self.temperature_file = REPORT_FILE, TEMPERATURE_FILE
+        self.report_file, self.map_file = REPORT_FILE, CALIBRATION_MAP_FILE
+        self.sample_files = (LOGIT_SAMPLE_FILE, PROVENANCE_FILE)  # the plugin's validation writes them in this order
 
     def plan(self) -> Plan:
         settings = self.settings
@@ -135,21 +167,27 @@ class _Builder:
         folds = [(repeat, trainer, fold) for repeat, trainer in pairs for fold in settings.folds]
         steps = [self.train(*key) for key in folds]
         steps += [self.cross_validation(*key) for key in folds]
-        if "temperature" in settings.post_hoc:
-            steps += [self.fit_temperature(*key) for key in folds]
-        data = {}
+        data, links = {}, []
         if self.benchmark.test_set is not None:
-            test_set = self.benchmark.test_set
-            data = {"test_images": {"folder": str(test_set.images), "files": sorted(test_set.image_files)},
-                    "test_labels": {"folder": str(test_set.labels), "files": sorted(test_set.label_files)}}
-            methods = [(repeat, trainer, None) for repeat, trainer in pairs]
-            if "temperature" in settings.post_hoc:
-                steps += [self.export(repeat, trainer) for repeat, trainer in pairs]
-                methods += [(repeat, trainer, "temperature") for repeat, trainer in pairs]
+            data = {f"test_{kind}": self.data_set(self.benchmark.test_set, kind) for kind in ("images", "labels")}
+            if self.benchmark.calibration_set is not None:
+                data.update({f"calibration_{kind}": self.data_set(self.benchmark.calibration_set, kind)
+                             for kind in ("images", "labels")})
+            calibrated = [(repeat, trainer, method) for method in settings.post_hoc for repeat, trainer in pairs]
+            for key in calibrated:
+                steps += self.fits(*key)
+                links += self.view_links(*key)
+            steps += [self.export(*key) for key in calibrated]
+            methods = [(repeat, trainer, None) for repeat, trainer in pairs] + calibrated
             steps += [self.predict(*method) for method in methods]
             steps += [self.test_evaluation(*method) for method in methods]
         steps.append(self.report(steps))
-        return Plan(self.folder, self.benchmark.results, steps, data)
+        return Plan(self.folder, self.benchmark.results, steps, data, links)
+
+    @staticmethod
+    def data_set(cases, kind: str) -> dict:
+        """A set of cases' images or labels as a data set of the plan (see `settings.TestSet`)."""
+        return {"folder": str(getattr(cases, kind)), "files": sorted(getattr(cases, f"{kind[:-1]}_files"))}
 
     # --- folders ------------------------------------------------------------------------------------------------
 
@@ -173,6 +211,41 @@ class _Builder:
     def method_name(trainer: str, post_hoc: str | None) -> str:
         return trainer if post_hoc is None else f"{trainer}+{post_hoc}"
 
+    def view_root(self, repeat: int, trainer: str, post_hoc: str) -> Path:
+        """The nnUNet_results root of the view of `trainer`'s model that calibrator `post_hoc` is fitted in."""
+        return self.repeat_folder(repeat) / "post_hoc" / self.method_name(trainer, post_hoc)
+
+    def view_model(self, repeat: int, trainer: str, post_hoc: str) -> Path:
+        return self.view_root(repeat, trainer, post_hoc) / self.model_folder(trainer, repeat).relative_to(
+            self.benchmark.results_root(repeat))
+
+    def export_folder(self, repeat: int, trainer: str, post_hoc: str) -> Path:
+        """The nnUNet_results root of a trainer's export with a calibrator's maps folded in."""
+        return self.repeat_folder(repeat) / "exports" / self.method_name(trainer, post_hoc)
+
+    @staticmethod
+    def export_name(trainer: str, post_hoc: str) -> str:
+        return f"{trainer}_{post_hoc}"
+
+    def test_folder(self, repeat: int, trainer: str, post_hoc: str | None) -> Path:
+        return self.repeat_folder(repeat) / "test" / self.method_name(trainer, post_hoc)
+
+    def map_files(self, repeat: int, trainer: str, post_hoc: str, folds: list[str]) -> list[str]:
+        view = self.view_model(repeat, trainer, post_hoc)
+        return [str(view / fold_folder_name(fold) / self.map_file) for fold in folds]
+
+    def view_links(self, repeat: int, trainer: str, post_hoc: str) -> list[list[str]]:
+        """The links of a view: the model's files, each fold's final checkpoint, and where the fit reads them, a
+        plugin trainer's logit sample and its provenance record."""
+        model, view = self.model_folder(trainer, repeat), self.view_model(repeat, trainer, post_hoc)
+        names = list(MODEL_FILES)
+        for fold in self.settings.folds:
+            fold_name = fold_folder_name(fold)
+            names.append(f"{fold_name}/{FINAL_CHECKPOINT}")
+            if self.benchmark.plugin[trainer] and self.settings.post_hoc_fit != "images":
+                names += [str(validation_folder(fold_name) / name) for name in self.sample_files]
+        return [[str(view / name), str(model / name)] for name in names]
+
     # --- steps --------------------------------------------------------------------------------------------------
 
     def _step(self, step_id: str, kind: str, needs: list[str], output: dict, settings: dict, repeat: int,
@@ -183,15 +256,11 @@ class _Builder:
     def _fold_id(self, trainer: str, fold: str, repeat: int, kind: str) -> str:
         return f"repeat_{repeat}/{trainer}/fold_{fold}/{kind}"
 
-    def _needs_npz(self, trainer: str) -> bool:
-        """nnU-Net's own trainers write no calibration report, and fit-temperature reads the probabilities."""
-        return not self.benchmark.plugin[trainer] or "temperature" in self.settings.post_hoc
-
     def train(self, repeat: int, trainer: str, fold: str) -> Step:
         settings = self.settings
         base = ["nnUNetv2_train", self.benchmark.dataset_name, settings.configuration, fold, "-tr", trainer, "-p",
                 settings.plans]
-        npz = ["--npz"] if self._needs_npz(trainer) else []
+        npz = [] if self.benchmark.plugin[trainer] else ["--npz"]  # nnU-Net's trainers write no calibration report
         device = ["-device", settings.device]
         return self._step(
             self._fold_id(trainer, fold, repeat, "train"), "train", [],
@@ -220,36 +289,47 @@ class _Builder:
         return self._step(step_id, "evaluate", settings={"trainer": trainer, "fold": fold, "report": "calibration"},
                           repeat=repeat, command=command, **common)
 
-    def fit_temperature(self, repeat: int, trainer: str, fold: str) -> Step:
-        fold_folder = self.fold_folder(trainer, fold, repeat)
+    def fit_id(self, repeat: int, trainer: str, post_hoc: str, fold: str | None) -> str:
+        method = self.method_name(trainer, post_hoc)
+        return f"repeat_{repeat}/{method}/fit" if fold is None else f"repeat_{repeat}/{method}/fold_{fold}/fit"
+
+    def fits(self, repeat: int, trainer: str, post_hoc: str) -> list[Step]:
+        """The fits of a calibrator for a trainer: one per fold (`--post-hoc-fit fold`), or one for the folds."""
+        if self.settings.post_hoc_fit == "fold":
+            return [self.fit(repeat, trainer, post_hoc, [fold]) for fold in self.settings.folds]
+        return [self.fit(repeat, trainer, post_hoc, self.settings.folds)]
+
+    def fit(self, repeat: int, trainer: str, post_hoc: str, folds: list[str]) -> Step:
+        settings, fit_on = self.settings, self.settings.post_hoc_fit
+        command = ["nnunet-margin", "fit-calibration", str(self.view_model(repeat, trainer, post_hoc)), "--method",
+                   post_hoc, "--fit-on", fit_on, "-f", *folds, "-device", settings.device]
+        revalidate = fit_on != "images" and not self.benchmark.plugin[trainer]
+        if revalidate:  # the view has no logit sample of nnU-Net's trainers: their validation is run into it
+            command.append("--revalidate")
+        data = []
+        if fit_on == "images":
+            calibration_set = self.benchmark.calibration_set
+            command += ["--images", str(calibration_set.images), "--labels", str(calibration_set.labels)]
+            data = ["calibration_images", "calibration_labels"]
+        step_id = self.fit_id(repeat, trainer, post_hoc, folds[0] if fit_on == "fold" else None)
         return self._step(
-            self._fold_id(trainer, fold, repeat, "fit-temperature"), "fit-temperature",
-            [self._fold_id(trainer, fold, repeat, "train")],
-            {"type": "files", "files": [str(fold_folder / self.temperature_file)]},
-            {"trainer": trainer, "fold": fold, "scope": "foreground"}, repeat,
-            command=["nnunet-margin", "fit-temperature", str(fold_folder.parent), "-f", fold],
-            locks=[self.fold_lock(trainer, fold, repeat)])
+            step_id, "fit", [self._fold_id(trainer, fold, repeat, "train") for fold in folds],
+            {"type": "files", "files": self.map_files(repeat, trainer, post_hoc, folds)},
+            {"trainer": trainer, "folds": folds, "method": post_hoc, "fit_on": fit_on}, repeat, command=command,
+            results_root=self.view_root(repeat, trainer, post_hoc), data=data, gpu=revalidate or fit_on == "images")
 
-    def export_folder(self, repeat: int, trainer: str) -> Path:
-        """The nnUNet_results root of a trainer's export with the temperatures folded in."""
-        return self.repeat_folder(repeat) / "exports" / self.method_name(trainer, "temperature")
-
-    def export_name(self, trainer: str) -> str:
-        return f"{trainer}_temperature"
-
-    def export(self, repeat: int, trainer: str) -> Step:
-        folds = self.settings.folds
-        output = self.export_folder(repeat, trainer)
-        needs = [self._fold_id(trainer, fold, repeat, kind) for kind in ("train", "fit-temperature") for fold in folds]
+    def export(self, repeat: int, trainer: str, post_hoc: str) -> Step:
+        folds, fit_on = self.settings.folds, self.settings.post_hoc_fit
+        output = self.export_folder(repeat, trainer, post_hoc)
+        fits = [self.fit_id(repeat, trainer, post_hoc, fold) for fold in (folds if fit_on == "fold" else [None])]
+        needs = [self._fold_id(trainer, fold, repeat, "train") for fold in folds] + fits
         return self._step(
-            f"repeat_{repeat}/{self.method_name(trainer, 'temperature')}/export", "export", needs,
+            f"repeat_{repeat}/{self.method_name(trainer, post_hoc)}/export", "export", needs,
             {"type": "folder", "folder": str(output)},
-            {"trainer": trainer, "folds": folds, "folded_in": "temperature", "allow_bound": True}, repeat,
-            command=["nnunet-margin", "export-portable", str(self.model_folder(trainer, repeat)), str(output),
-                     "--temperature", "--allow-bound", "--name", self.export_name(trainer), "-f", *folds])
-
-    def test_folder(self, repeat: int, trainer: str, post_hoc: str | None) -> Path:
-        return self.repeat_folder(repeat) / "test" / self.method_name(trainer, post_hoc)
+            {"trainer": trainer, "folds": folds, "folded_in": post_hoc, "fit_on": fit_on, "allow_bound": True},
+            repeat, command=["nnunet-margin", "export-portable", str(self.view_model(repeat, trainer, post_hoc)),
+                             str(output), "--calibration", "--allow-bound", "--name",
+                             self.export_name(trainer, post_hoc), "-f", *folds])
 
     def predict(self, repeat: int, trainer: str, post_hoc: str | None) -> Step:
         settings = self.settings
@@ -260,14 +340,15 @@ class _Builder:
             results_root, model_trainer = self.benchmark.results_root(repeat), trainer
         else:
             needs = [f"repeat_{repeat}/{method}/export"]
-            results_root, model_trainer = self.export_folder(repeat, trainer), self.export_name(trainer)
-        command = ["nnUNetv2_predict", "-i", str(self.benchmark.test_set.images), "-o", str(output), "-d",
+            results_root, model_trainer = self.export_folder(repeat, trainer, post_hoc), \
+                self.export_name(trainer, post_hoc)
+        command = ["nnunet-margin", "predict", "-i", str(self.benchmark.test_set.images), "-o", str(output), "-d",
                    self.benchmark.dataset_name, "-c", settings.configuration, "-tr", model_trainer, "-p",
                    settings.plans, "-f", *settings.folds, "--save_probabilities", "-device", settings.device]
         return self._step(f"repeat_{repeat}/{method}/predict", "predict", needs,
                           {"type": "folder", "folder": str(output)},
                           {"method": method, "folds": settings.folds, "configuration": settings.configuration,
-                           "probabilities": True}, repeat,
+                           "probabilities": True, "predictor": "nnunet-margin predict"}, repeat,
                           command=command, results_root=results_root, data=["test_images"], gpu=True)
 
     def test_evaluation(self, repeat: int, trainer: str, post_hoc: str | None) -> Step:
@@ -285,22 +366,20 @@ class _Builder:
         repeats = range(1, settings.repeats + 1)
         cross_validation = {str(repeat): {trainer: str(self.repeat_folder(repeat) / "cross_validation" / trainer)
                                           for trainer in settings.trainers} for repeat in repeats}
-        test = {}
+        test, maps = {}, {}
         if self.benchmark.test_set is not None:
             methods = [(trainer, None) for trainer in settings.trainers]
             methods += [(trainer, post_hoc) for trainer in settings.trainers for post_hoc in settings.post_hoc]
             test = {str(repeat): {self.method_name(*method): str(self.test_folder(repeat, *method) / "evaluation")
                                   for method in methods} for repeat in repeats}
-        temperatures = {}
-        if "temperature" in settings.post_hoc:
-            temperatures = {str(repeat): {trainer: {fold: str(self.fold_folder(trainer, fold, repeat)
-                                                              / self.temperature_file) for fold in settings.folds}
-                                          for trainer in settings.trainers} for repeat in repeats}
-        needs = [step.id for step in steps if step.kind in ("collect", "evaluate", "fit-temperature")]
+            maps = {str(repeat): {trainer: {post_hoc: self.map_files(repeat, trainer, post_hoc, settings.folds)
+                                            for post_hoc in settings.post_hoc} for trainer in settings.trainers}
+                    for repeat in repeats} if settings.post_hoc else {}
+        needs = [step.id for step in steps if step.kind in ("collect", "evaluate", "fit")]
         return self._step("report", "report", needs, {"type": "folder", "folder": str(self.folder / REPORT_FOLDER)},
                           {"trainers": settings.trainers, "folds": settings.folds, "repeats": settings.repeats,
-                           "post_hoc": settings.post_hoc, "baseline": settings.baseline,
-                           "dataset": self.benchmark.dataset_name, "configuration": settings.configuration,
-                           "plans": settings.plans}, 1, action="report", arguments={
-                              "cross_validation": cross_validation, "test": test, "temperatures": temperatures,
-                              "description": f"write the report into {self.folder / REPORT_FOLDER}"})
+                           "post_hoc": settings.post_hoc, "post_hoc_fit": settings.post_hoc_fit,
+                           "baseline": settings.baseline, "dataset": self.benchmark.dataset_name,
+                           "configuration": settings.configuration, "plans": settings.plans}, 1, action="report",
+                          arguments={"cross_validation": cross_validation, "test": test, "maps": maps,
+                                     "description": f"write the report into {self.folder / REPORT_FOLDER}"})

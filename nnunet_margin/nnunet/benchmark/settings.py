@@ -2,7 +2,9 @@
 folder.
 
 A benchmark is identified by what its results depend on: dataset, configuration, plans, trainers, folds, post-hoc
-methods and the test set (its folders and a fingerprint of every file: name, size, modification time). Its folder is
+calibrators, what they are fitted on (`--post-hoc-fit`, and the calibration set of `images`: only when set, so that
+benchmarks of earlier versions keep their names) and the test set (its folders and a fingerprint of every file: name,
+size, modification time). Its folder is
 $nnUNet_results/DATASET/calibration_benchmarks/NAME, NAME derived from that identity unless `--name` is given, and
 benchmark.json records the identity: a run whose identity differs from the folder's is refused with the
 differences, so two studies never share a folder. The number of repeats, the baseline and the device are not part
@@ -21,7 +23,8 @@ from pathlib import Path
 from ..layout import (DATASET_FILE, cases_with_suffix, channel_count, gt_segmentations_folder, planned_plans,
                       plans_file, raw_images)
 
-POST_HOC_METHODS = ("temperature",)
+POST_HOC_METHODS = ("temperature", "vector", "matrix")  # fit-calibration --method
+POST_HOC_FITS = ("fold", "pooled", "images")  # fit-calibration --fit-on; "fold" is the default
 BENCHMARKS_FOLDER = "calibration_benchmarks"  # in $nnUNet_results/DATASET
 TRAININGS_FOLDER = "_trainings"  # BENCHMARKS_FOLDER/_trainings/repeat_R: the results roots of repeats 2.., shared
 LOCKS_FOLDER = "_locks"  # BENCHMARKS_FOLDER/_locks: locks of model folds that several benchmarks may train
@@ -40,8 +43,11 @@ class BenchmarkSettings:
     plans: str = "nnUNetPlans"
     baseline: str | None = None
     post_hoc: list[str] = field(default_factory=list)
+    post_hoc_fit: str = "fold"
     test_images: Path | None = None
     test_labels: Path | None = None
+    calibration_images: Path | None = None  # the calibration set of post_hoc_fit "images"
+    calibration_labels: Path | None = None
     repeats: int = 1
     device: str = "cuda"
     gpus: list[str] = field(default_factory=list)
@@ -61,7 +67,7 @@ def file_listing(folder: Path, names: list[str]) -> dict[str, list[int]]:
 @dataclass(frozen=True)
 class TestSet:
     """Held-out images (nnU-Net's imagesTs layout) and their reference segmentations, with the fingerprint of every
-    file."""
+    file: the test set, or the calibration set of `--post-hoc-fit images`."""
 
     images: Path
     labels: Path
@@ -71,38 +77,53 @@ class TestSet:
     label_files: dict[str, list[int]]
 
     @classmethod
-    def read(cls, images: Path, labels: Path, file_ending: str, channels: int) -> TestSet:
-        """The test set, checked: every case has each of the dataset's `channels` images and a label, and every label
-        an image."""
-        for argument, folder in (("--test-images", images), ("--test-labels", labels)):
+    def read(cls, images: Path, labels: Path, file_ending: str, channels: int, kind: str = "test") -> TestSet:
+        """The set, checked: every case has each of the dataset's `channels` images and a label, and every label an
+        image. `kind` ("test" or "calibration") names the options in the messages (--test-images, ...)."""
+        images_option, labels_option = f"--{kind}-images", f"--{kind}-labels"
+        for argument, folder in ((images_option, images), (labels_option, labels)):
             if not folder.is_dir():
-                raise FileNotFoundError(f"{argument} {folder} is not a folder: pass the folder of the held-out "
-                                        f"{'images (imagesTs layout)' if argument == '--test-images' else 'labels'}")
+                raise FileNotFoundError(f"{argument} {folder} is not a folder: pass the folder of the {kind} set's "
+                                        f"{'images (imagesTs layout)' if argument == images_option else 'labels'}")
         image_cases = raw_images(images, file_ending)
         label_cases = {case: case + file_ending for case in cases_with_suffix(labels, file_ending)}
         if not image_cases:
-            raise FileNotFoundError(f"--test-images {images} holds no images CASE_XXXX{file_ending}: pass a folder in "
-                                    f"nnU-Net's imagesTs layout")
+            raise FileNotFoundError(f"{images_option} {images} holds no images CASE_XXXX{file_ending}: pass a folder "
+                                    f"in nnU-Net's imagesTs layout")
         expected = [f"_{channel:04d}{file_ending}" for channel in range(channels)]
         incomplete = [case for case, names in image_cases.items() if names != [case + end for end in expected]]
         if incomplete:
-            raise ValueError(f"--test-images: case {incomplete[0]} has {image_cases[incomplete[0]]} but the dataset "
+            raise ValueError(f"{images_option}: case {incomplete[0]} has {image_cases[incomplete[0]]} but the dataset "
                              f"has {channels} channel(s), named {[incomplete[0] + end for end in expected]}: complete "
                              f"or remove {len(incomplete)} such case(s)")
         unlabelled = sorted(set(image_cases) - set(label_cases))
         if unlabelled:
-            raise ValueError(f"--test-labels: no label for {len(unlabelled)} test case(s) {_few(unlabelled)} "
+            raise ValueError(f"{labels_option}: no label for {len(unlabelled)} {kind} case(s) {_few(unlabelled)} "
                              f"(expected {labels / (unlabelled[0] + file_ending)}): add their labels, or move those "
                              f"images out of {images}")
         without_image = sorted(set(label_cases) - set(image_cases))
         if without_image:
-            raise ValueError(f"--test-labels: {len(without_image)} label(s) {_few(without_image)} have no image in "
-                             f"--test-images (expected {images / (without_image[0] + expected[0])}): add the images, "
-                             f"or move those labels out of {labels}")
+            raise ValueError(f"{labels_option}: {len(without_image)} label(s) {_few(without_image)} have no image in "
+                             f"{images_option} (expected {images / (without_image[0] + expected[0])}): add the "
+                             f"images, or move those labels out of {labels}")
         cases = tuple(sorted(image_cases))
         return cls(images.resolve(), labels.resolve(), cases, file_ending,
                    file_listing(images, [name for case in cases for name in image_cases[case]]),
                    file_listing(labels, [label_cases[case] for case in cases]))
+
+    def check_apart_from(self, test_set: TestSet) -> None:
+        """Refuse a calibration set that shares a folder or a case with the test set: a map fitted on test cases
+        would be measured on the cases it was fitted on."""
+        for kind in ("images", "labels"):
+            if getattr(self, kind) == getattr(test_set, kind):
+                raise ValueError(f"--calibration-{kind} and --test-{kind} are the same folder {getattr(self, kind)}: "
+                                 f"the calibrators would be measured on the cases they were fitted on; pass held-out "
+                                 f"cases that are not in the test set")
+        shared = sorted(set(self.cases) & set(test_set.cases))
+        if shared:
+            raise ValueError(f"--calibration-images and --test-images share {len(shared)} case(s) {_few(shared)}: "
+                             f"the calibrators would be measured on cases they were fitted on; remove those cases "
+                             f"from one of the two sets")
 
     def identity(self) -> dict:
         return {"images": str(self.images), "labels": str(self.labels), "image_files": self.image_files,
@@ -119,23 +140,29 @@ def identity_digest(identity: dict) -> str:
 
 def identity_differences(old: dict, new: dict) -> list[str]:
     """What differs between two benchmark identities, in words ("folds 0 -> 0 1", "test labels: case_1 modified")."""
+    sets = {"test_set": "test", "calibration_set": "calibration"}
     differences = []
-    for key in sorted((set(old) | set(new)) - {"test_set"}):
+    for key in sorted((set(old) | set(new)) - set(sets)):
         if old.get(key) != new.get(key):
             differences.append(f"{key.replace('_', '-')} {_words(old.get(key))} -> {_words(new.get(key))}")
-    old_test, new_test = old.get("test_set"), new.get("test_set")
-    if old_test is None or new_test is None:
-        if old_test != new_test:
-            differences.append("test set " + ("added" if old_test is None else "removed"))
-        return differences
+    for key, word in sets.items():
+        differences += _set_differences(old.get(key), new.get(key), word)
+    return differences
+
+
+def _set_differences(old: dict | None, new: dict | None, word: str) -> list[str]:
+    """What differs between two identities of a set of cases (`TestSet.identity`)."""
+    if old is None or new is None:
+        return [] if old == new else [f"{word} set " + ("added" if old is None else "removed")]
+    differences = []
     for kind in ("images", "labels"):
-        if old_test[kind] != new_test[kind]:
-            differences.append(f"test {kind} {old_test[kind]} -> {new_test[kind]}")
-        old_files, new_files = old_test[f"{kind[:-1]}_files"], new_test[f"{kind[:-1]}_files"]
+        if old[kind] != new[kind]:
+            differences.append(f"{word} {kind} {old[kind]} -> {new[kind]}")
+        old_files, new_files = old[f"{kind[:-1]}_files"], new[f"{kind[:-1]}_files"]
         changes = [f"{name} {'added' if name not in old_files else 'removed' if name not in new_files else 'modified'}"
                    for name in sorted(set(old_files) | set(new_files)) if old_files.get(name) != new_files.get(name)]
         if changes:
-            differences.append(f"test {kind}: {_few(changes)}")
+            differences.append(f"{word} {kind}: {_few(changes)}")
     return differences
 
 
@@ -156,6 +183,7 @@ class Benchmark:
     plugin: dict[str, bool]  # trainer -> is one of this package's trainers (writes its own calibration report)
     test_set: TestSet | None
     name: str
+    calibration_set: TestSet | None = None  # of --post-hoc-fit images
 
     @property
     def root(self) -> Path:
@@ -182,8 +210,12 @@ class Benchmark:
                     "trainers": sorted(settings.trainers), "folds": sorted(settings.folds, key=int)}
         if settings.post_hoc:
             identity["post_hoc"] = sorted(settings.post_hoc)
+        if settings.post_hoc_fit != "fold":
+            identity["post_hoc_fit"] = settings.post_hoc_fit
         if self.test_set is not None:
             identity["test_set"] = self.test_set.identity()
+        if self.calibration_set is not None:
+            identity["calibration_set"] = self.calibration_set.identity()
         return identity
 
 
@@ -203,19 +235,25 @@ def resolve(settings: BenchmarkSettings) -> Benchmark:
     _check_plans(settings, preprocessed, dataset_name)
     _check_folds(settings, preprocessed)
     plugin = {trainer: _is_plugin_trainer(trainer) for trainer in settings.trainers}
-    test_set = None
+    test_set = calibration_set = None
     if settings.test_images is not None:
         dataset_json = json.loads((preprocessed / DATASET_FILE).read_text())
-        test_set = TestSet.read(Path(settings.test_images), Path(settings.test_labels), dataset_json["file_ending"],
-                                channel_count(dataset_json))
-    benchmark = Benchmark(settings, dataset_name, Path(results), preprocessed, plugin, test_set, "")
+        file_ending, channels = dataset_json["file_ending"], channel_count(dataset_json)
+        test_set = TestSet.read(Path(settings.test_images), Path(settings.test_labels), file_ending, channels)
+        if settings.calibration_images is not None:
+            calibration_set = TestSet.read(Path(settings.calibration_images), Path(settings.calibration_labels),
+                                           file_ending, channels, kind="calibration")
+            calibration_set.check_apart_from(test_set)
+    benchmark = Benchmark(settings, dataset_name, Path(results), preprocessed, plugin, test_set, "",
+                          calibration_set)
     benchmark.name = settings.name or default_name(settings.configuration, benchmark.identity())
     return benchmark
 
 
 def _check_arguments(settings: BenchmarkSettings) -> None:
     """The checks that need no nnU-Net folder."""
-    for argument, values in (("-tr", settings.trainers), ("-f", settings.folds), ("--gpus", settings.gpus)):
+    for argument, values in (("-tr", settings.trainers), ("-f", settings.folds), ("--gpus", settings.gpus),
+                             ("--post-hoc", settings.post_hoc)):
         repeated = sorted({value for value in values if values.count(value) > 1})
         if repeated:
             raise ValueError(f"{argument} lists {', '.join(repeated)} more than once: list each once")
@@ -228,18 +266,41 @@ def _check_arguments(settings: BenchmarkSettings) -> None:
     if settings.baseline is not None and settings.baseline not in settings.trainers:
         raise ValueError(f"--baseline {settings.baseline} is not one of the trainers {settings.trainers}: pass one "
                          f"of them (or add it to -tr)")
-    unknown = [method for method in settings.post_hoc if method not in POST_HOC_METHODS]
-    if unknown:
-        raise ValueError(f"--post-hoc {' '.join(unknown)}: supported are {' '.join(POST_HOC_METHODS)}")
     if (settings.test_images is None) != (settings.test_labels is None):
         raise ValueError("pass --test-images and --test-labels together")
-    if settings.post_hoc and settings.test_images is None:
-        raise ValueError("post-hoc calibration is fitted on the validation cases, so it is evaluated on held-out "
-                         "cases only: pass --test-images and --test-labels")
+    _check_post_hoc(settings)
     if settings.name is not None and not _NAME_PATTERN.fullmatch(settings.name):
         raise ValueError(f"--name {settings.name!r}: use letters, digits and . _ + - (starting with a letter or "
                          f"digit), e.g. --name mbls_vs_cals")
     check_gpus(settings.gpus, settings.device)
+
+
+def _check_post_hoc(settings: BenchmarkSettings) -> None:
+    """--post-hoc, --post-hoc-fit and the calibration set go together as fit-calibration needs them."""
+    unknown = [method for method in settings.post_hoc if method not in POST_HOC_METHODS]
+    if unknown:
+        raise ValueError(f"--post-hoc {' '.join(unknown)}: supported are {' '.join(POST_HOC_METHODS)}")
+    if settings.post_hoc_fit not in POST_HOC_FITS:
+        raise ValueError(f"--post-hoc-fit {settings.post_hoc_fit}: supported are {' '.join(POST_HOC_FITS)}")
+    if settings.post_hoc_fit != "fold" and not settings.post_hoc:
+        raise ValueError(f"--post-hoc-fit {settings.post_hoc_fit} says what the post-hoc calibrators are fitted on, "
+                         f"but none is asked for: add --post-hoc {' '.join(POST_HOC_METHODS)} (any of them), or drop "
+                         f"--post-hoc-fit")
+    if settings.post_hoc and settings.test_images is None:
+        raise ValueError("post-hoc calibration is fitted on the validation cases or a calibration set, and evaluated "
+                         "on held-out cases only: pass --test-images and --test-labels")
+    if settings.post_hoc_fit == "pooled" and len(settings.folds) < 2:
+        raise ValueError(f"--post-hoc-fit pooled fits one map on several folds' validation cases, but -f has only "
+                         f"fold {settings.folds[0]}: pass two or more folds, or --post-hoc-fit fold")
+    calibration_set = (settings.calibration_images, settings.calibration_labels)
+    if settings.post_hoc_fit == "images" and None in calibration_set:
+        raise ValueError("--post-hoc-fit images fits each calibrator on the fold ensemble's predictions of a held-out "
+                         "calibration set: pass its images and labels with --calibration-images DIR "
+                         "--calibration-labels DIR (cases apart from the test set and the training cases)")
+    if settings.post_hoc_fit != "images" and calibration_set != (None, None):
+        raise ValueError(f"--calibration-images and --calibration-labels are the calibration set of --post-hoc-fit "
+                         f"images, but the calibrators are fitted with --post-hoc-fit {settings.post_hoc_fit}: add "
+                         f"--post-hoc-fit images, or drop the calibration set")
 
 
 def check_gpus(gpus: list[str], device: str) -> None:
