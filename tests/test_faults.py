@@ -310,6 +310,13 @@ def _garble(path: Path) -> None:
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
+def _scale_probabilities(path: Path) -> None:
+    """Probabilities that sum to 0.9 (a broken export), keeping the file's modification time."""
+    stat = path.stat()
+    np.savez_compressed(path, probabilities=np.load(path)["probabilities"] * np.float32(0.9))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
 def _first(pattern: str) -> Callable[[Path], Path]:
     return lambda model: sorted(model.glob(pattern))[0]
 
@@ -317,6 +324,8 @@ def _first(pattern: str) -> Callable[[Path], Path]:
 # (what to break, how, command line after the model folder, words of the fix that the message must hold)
 BROKEN_FILES = {
     "truncated npz": (_first("fold_0/validation/*.npz"), _truncate, ["fit-temperature"], "--npz"),
+    "probabilities not summing to 1": (_first("fold_0/validation/*.npz"), _scale_probabilities, ["fit-temperature"],
+                                       "probabilities sum to 0.9"),
     "corrupt pkl": (_first("fold_0/validation/*.pkl"), _truncate, ["fit-temperature"], "--save_probabilities"),
     "corrupt dataset.json": (_first("dataset.json"), _garble, ["fit-temperature"], "copy it again"),
     "corrupt plans.json": (_first("plans.json"), _garble, ["fit-temperature"], "restore it"),

@@ -164,9 +164,12 @@ def _fit_fold(fold_folder: Path, cases: list[_Case], read_cases: Callable[[list[
               num_classes: int, scope: str) -> dict[str, Any]:
     """Fit the fold's temperature, measure calibration before and after, write temperature.json; returns it."""
     sample, before, after = LogitSample(), CalibrationStats(num_classes), CalibrationStats(num_classes)
-    for probabilities, labels in read_cases(cases):
-        sample.update_probabilities(probabilities, labels)
-        before.update(probabilities, labels)
+    for case, (probabilities, labels) in zip(cases, read_cases(cases)):
+        try:
+            sample.update_probabilities(probabilities, labels)
+            before.update(probabilities, labels)
+        except ValueError as error:
+            raise ValueError(f"{case.probabilities}: {error}") from error
     if sample.num_voxels == 0:
         raise ValueError(f"the validation cases of {fold_folder.name} hold no {scope} voxel to fit a temperature to")
     voxels = sample.voxels()
