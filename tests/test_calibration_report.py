@@ -465,6 +465,7 @@ def test_ground_truth_on_another_grid_is_refused_naming_the_case_and_the_differe
     image = sitk.ReadImage(str(labels / "case_011.nii.gz"))
     change(image)
     sitk.WriteImage(image, str(labels / "case_011.nii.gz"))
+    (predictions / "case_010.npz").write_bytes(b"")  # read first if the cases were evaluated before the check
     code, _, err = _calibration(predictions, labels, capsys)
     assert code == 2 and "case case_011" in err and re.search(named, err), err
     assert "nnU-Net's tolerance" in err and len(err.strip().splitlines()) <= 2

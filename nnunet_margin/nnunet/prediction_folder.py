@@ -122,7 +122,6 @@ class LoadedCase:
     labels: np.ndarray  # (*spatial) int64, the ground truth
     crop_mask: np.ndarray  # (*spatial) bool, nnU-Net's crop box
     properties: dict[str, Any]  # of the prediction (CASE.pkl)
-    reference_properties: dict[str, Any]  # of the ground truth, from nnU-Net's reader
 
 
 def read_ground_truth(gt_file: Path, info: DatasetInfo) -> tuple[np.ndarray, dict[str, Any]]:
@@ -151,7 +150,7 @@ def load_case_files(npz_file: Path, pkl_file: Path, gt_file: Path, info: Dataset
     each other and dataset.json."""
     probabilities = layout.read_probabilities(npz_file)
     properties = layout.read_properties(pkl_file)
-    segmentation, reference_properties = read_ground_truth(gt_file, info)
+    segmentation = read_ground_truth(gt_file, info)[0]
     if probabilities.shape[0] != len(info.class_names):
         raise ValueError(f"{npz_file} has {probabilities.shape[0]} probability channels but dataset.json lists "
                          f"{len(info.class_names)} labels {info.class_names}")
@@ -163,19 +162,14 @@ def load_case_files(npz_file: Path, pkl_file: Path, gt_file: Path, info: Dataset
         mask = crop_mask(layout.CropBox.from_properties(properties), info.transpose_backward)
     except ValueError as error:
         raise ValueError(f"{pkl_file}: {error}") from None
-    return LoadedCase(probabilities, segmentation.astype(np.int64), mask, properties, reference_properties)
+    return LoadedCase(probabilities, segmentation.astype(np.int64), mask, properties)
 
 
 def _evaluate_files(files: layout.ExportedFiles, gt_file: Path, info: DatasetInfo
                     ) -> tuple[dict[str, CalibrationStats], dict[str, dict[str, float]] | None]:
     """Calibration statistics of one exported case and, if its segmentation file is there, its segmentation
-    metrics; refuses a ground truth on another image grid."""
+    metrics (its geometry is checked before, by `check_ground_truth_grids`)."""
     case = load_case_files(files.probabilities, files.properties, gt_file, info)
-    differences = geometry_differences(case.properties, case.reference_properties)
-    if differences:
-        raise ValueError(f"case {files.case}: its ground truth {gt_file} lies on another image grid than the "
-                         f"prediction ({'; '.join(differences)}), beyond nnU-Net's tolerance (np.allclose): pass the "
-                         f"ground truth of the predicted images")
     spacing = layout.spacing(case.properties)
     try:
         stats = evaluate_case(case.probabilities, case.labels, crop_mask=case.crop_mask,
@@ -189,6 +183,18 @@ def _evaluate_files(files: layout.ExportedFiles, gt_file: Path, info: DatasetInf
         raise ValueError(f"segmentation {files.segmentation} has shape {segmentation.shape}, its ground truth "
                          f"{gt_file} {case.labels.shape}: rewrite the prediction folder with nnUNetv2_predict")
     return stats, segmentation_metrics(segmentation, case.labels, info.class_names, spacing, info.ignore_label)
+
+
+def check_ground_truth_grids(jobs: list[tuple[layout.ExportedFiles, Path, DatasetInfo]]) -> None:
+    """Refuse, before any case is evaluated, a ground truth on another image grid than its prediction (the
+    properties nnU-Net exported with the prediction against those of nnU-Net's reader of the ground truth)."""
+    for files, gt_file, info in jobs:
+        differences = geometry_differences(layout.read_properties(files.properties),
+                                           read_ground_truth(gt_file, info)[1])
+        if differences:
+            raise ValueError(f"case {files.case}: its ground truth {gt_file} lies on another image grid than the "
+                             f"prediction ({'; '.join(differences)}), beyond nnU-Net's tolerance (np.allclose): pass "
+                             f"the ground truth of the predicted images")
 
 
 def expected_cases(pred_folder: Path, gt_folder: Path, gt_cases: list[str]) -> tuple[list[str], str]:
@@ -246,6 +252,7 @@ def calibrate_prediction_folder(pred_folder: PathLike, gt_folder: PathLike, outp
                                     f"segmentations (labelsTr/labelsTs, or nnUNet_preprocessed/DatasetXXX/"
                                     f"gt_segmentations for validation)")
         jobs.append((files, gt_file, info))
+    check_ground_truth_grids(jobs)
     if scores is not None:
         failure_report.check_scored_cases(scores, {files.case: files.segmentation for files, _, _ in jobs},
                                           pred_folder)
