@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "--save_probabilities, or a validation folder written with --npz")
     sub.add_argument("gt_folder", help="folder with the ground-truth segmentations (CASE<file_ending>)")
     sub.add_argument("-o", "--output-folder", dest="output_folder", default=None,
-                     help="where calibration.json and reliability.png go (default: PRED_FOLDER)")
+                     help="where calibration.json, reliability.png (and risk_coverage.png) go (default: PRED_FOLDER)")
     sub.add_argument("-np", "--num-processes", dest="num_processes", type=int, default=1,
                      help="cases evaluated in parallel (default: 1)")
     sub.add_argument("--allow-missing", dest="allow_missing", action="store_true",
@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--baseline", default=None, metavar="NAME",
                      help="method the others are tested against (paired Wilcoxon signed-rank test per metric)")
     sub.add_argument("-o", "--output-folder", dest="output_folder", default=None,
-                     help="write report.md, table.csv, table.tex and compare.png there")
+                     help="write report.md, table.csv, table.tex, compare.png (and failure_detection.csv) there")
     sub.add_argument("--csv", default=None, metavar="FILE",
                      help="also write the table as CSV (failure detection goes to -o's failure_detection.csv)")
     sub.add_argument("--common-cases", dest="common_cases", action="store_true",
@@ -370,8 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fold in a temperature at a bound of its search too")
     sub.add_argument("--calibration", action="store_true",
                      help="fold each fold's map from fit-calibration (fold_X/calibration_map.json) into its final "
-                          "layer; the folds' maps must be of one scope (per fold, or one pooled map for exactly the "
-                          "exported folds) and fitted for their current checkpoints")
+                          "layer; the folds' maps must be of one scope (per fold, or one pooled or images map for "
+                          "exactly the exported folds) and fitted for their current checkpoints")
     sub.set_defaults(func=_export_portable_command)
 
     sub = commands.add_parser("fit-calibration", help="fit a post-hoc calibrator (temperature, vector or matrix "
@@ -458,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     cluster = sub.add_argument_group("Slurm jobs (--executor slurm)")
     cluster.add_argument("--slurm-partition", default=None, metavar="PARTITION", help="sbatch --partition")
     cluster.add_argument("--slurm-gpus-per-job", type=_non_negative_int, default=None, metavar="N",
-                         help="GPUs of each training and prediction job (default 1, 0 with -device cpu); the other "
+                         help="GPUs of each job that runs nnU-Net's network: trainings, predictions, and fits that "
+                              "revalidate or predict the calibration set (default 1, 0 with -device cpu); the other "
                               "steps ask for none")
     cluster.add_argument("--slurm-time", default=None, metavar="TIME",
                          help="time limit of every job (sbatch --time, e.g. 1-12:00:00); a training it stops "

@@ -34,10 +34,6 @@ class FlatInputs(NamedTuple):
         """max(M, 1): a mean over no voxels is 0 (every term is masked), not NaN."""
         return self.num_valid.clamp_min(1.0)
 
-    def unflatten(self, tensor: torch.Tensor) -> torch.Tensor:
-        """(B, C, V) -> (B, C, *spatial)."""
-        return tensor.reshape(*tensor.shape[:2], *self.spatial)
-
 
 def chunk_voxels(logits: torch.Tensor) -> int:
     """Voxels per chunk of a (B, K, V) tensor so that one chunk takes about CHUNK_BYTES of scratch memory."""

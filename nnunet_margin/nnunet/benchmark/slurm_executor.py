@@ -13,7 +13,8 @@ turns on it, on any node.
 Each job exports the nnUNet_* variables of the submitting environment (nnUNet_raw, nnUNet_preprocessed,
 nnUNet_results, nnUNet_extTrainer, ...) and runs the step with the submitting Python, whose environment, like the
 benchmark folder, must be on a file system the compute nodes see. Steps that run nnU-Net's network (trainings,
-predictions) ask for the GPUs of the options, the others for none. No job arrays: every step has its own
+predictions, fits that revalidate or predict the calibration set) ask for the GPUs of the options, the others for
+none. No job arrays: every step has its own
 dependencies, record and log, and an array would tie the resubmission of one failed step to its siblings.
 """
 
